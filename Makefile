@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: demo test test-fast bench venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gan-ray demo
+
+test: $(TEST_STAMP)
+	$(BIN)/python -m pytest tests
+
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/gan-ray bench
+
+clean:
+	rm -rf runs demo .pytest_cache

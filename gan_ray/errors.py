@@ -1,0 +1,9 @@
+"""User-facing errors: anything the user can fix by changing input.
+
+The CLI turns a `UserError` into one line on stderr and exit code 2; the HTTP layer turns it into a 4xx.
+Everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """Bad input from the user: a flag, a file, a path. The message is shown as is, on one line."""

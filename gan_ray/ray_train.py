@@ -1,0 +1,307 @@
+"""Ray Train wiring: the per-worker loop (on each worker) and `fit` (on the driver).
+
+The worker loop is plain PyTorch around `gan_ray.loop.run_epoch`, with a handful of Ray calls: `prepare_model`
+(DDP for G and D separately), `ray.train.get_checkpoint` (resume, and recovery after a worker dies) and
+`ray.train.report` (metrics every epoch, a checkpoint from rank 0 every `checkpoint_every` epochs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gan_ray import checkpoint as ckpt_io
+from gan_ray.config import TrainConfig
+from gan_ray.data import load_dataset
+from gan_ray.errors import UserError
+from gan_ray.images import grid_png, write_atomic
+from gan_ray.loop import run_epoch
+from gan_ray.models import ModelSpec, build
+from gan_ray.run_files import METRICS_FILE, describe_dataset, format_progress, truncate_metrics
+from gan_ray.step import GANState, make_state
+
+# Hooks run on rank 0 after each epoch: (cfg, state, epoch, device, heldout) -> extra metrics. The metrics module
+# registers its evaluator here so this file doesn't import it (and runs without it).
+EpochHook = Callable[[TrainConfig, GANState, int, torch.device], dict[str, float]]
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Noise seed for one rank's epoch: distinct per rank, identical after a resume."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**63 - 1)
+
+
+def fixed_noise(spec: ModelSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The noise behind the per-epoch sample grids: fixed, so the grids show one set of digits improving."""
+    from gan_ray.registry import latent_for_seed
+
+    n = 8 * spec.num_classes if spec.conditional else 64
+    labels = torch.arange(n) % spec.num_classes if spec.conditional else None
+    return latent_for_seed(n, spec.latent_dim, seed), labels
+
+
+def build_state(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world_size: int,
+                wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> GANState:
+    """Models initialised identically on every rank (seeded), moved and wrapped by `wrap`, plus optimisers."""
+    torch.manual_seed(cfg.seed)
+    G, D = build(spec)
+    G, D = wrap(G.to(device)), wrap(D.to(device))
+    return make_state(spec, G, D, lr_g=cfg.lr_g, lr_d=cfg.lr_d, beta1=cfg.beta1, beta2=cfg.beta2, loss=cfg.loss,
+                      d_steps=cfg.d_steps, ema=cfg.ema, ema_halflife_kimg=cfg.ema_halflife_kimg,
+                      world_size=world_size)
+
+
+def _all_reduce_epoch(res, world_size: int, device: torch.device) -> dict[str, float]:
+    """Mean losses over ranks; throughput as all images over the slowest rank's time."""
+    import torch.distributed as dist
+
+    t = torch.tensor([res.loss_d, res.loss_g, res.d_real, res.d_fake, res.images, res.seconds], device=device,
+                     dtype=torch.float64)
+    if world_size > 1 and dist.is_initialized():
+        sums = t.clone()
+        dist.all_reduce(sums)
+        slowest = t[5:6].clone()
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        t = torch.cat([sums[:4] / world_size, sums[4:5], slowest])
+    loss_d, loss_g, d_real, d_fake, images, seconds = t.tolist()
+    return {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
+            "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds}
+
+
+def ddp_buffer_kwargs() -> dict[str, bool]:
+    """Don't re-broadcast buffers (BatchNorm statistics) on every forward: G runs twice per step and the in-place
+    broadcast breaks autograd. Newer PyTorch spells it `forward_sync_buffers`."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _quiet_worker_logs() -> None:
+    """Ray Train logs every report at INFO on a logger named after its file (outside LoggingConfig's reach)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # layout changed in another Ray version: only the console gets noisier
+        pass
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    _quiet_worker_logs()
+    cfg = TrainConfig.from_dict(config["train"])
+    hooks: list[EpochHook] = config.get("hooks", [])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    data = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, image_size=cfg.image_size)
+    if device.type == "cuda":
+        data = data.to(device)  # GPU-resident: batches are gathered on the device, no host copies per step
+    spec = ModelSpec(cfg.arch, cfg.latent_dim, data.shape, data.num_classes if cfg.conditional else 0)
+    ddp_kwargs = ddp_buffer_kwargs()
+    state = build_state(cfg, spec, device, world,
+                        lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs))
+
+    run_dir = cfg.run_dir
+    start_epoch = 1
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            _, sd = ckpt_io.load(d, map_location=device)
+            start_epoch = ckpt_io.load_state_dict(state, sd) + 1
+    if rank == 0:
+        truncate_metrics(run_dir / METRICS_FILE, start_epoch - 1)  # rows after the checkpoint are replayed
+    z_fixed, labels_fixed = fixed_noise(spec, cfg.seed)
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t_epoch = time.time()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        res = run_epoch(state, data, epoch=epoch, rank=rank, world_size=world, batch_size=cfg.batch_size,
+                        seed=cfg.seed)
+        metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "images_seen": state.images_seen,
+                                   **_all_reduce_epoch(res, world, device)}
+        is_ckpt = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+        if rank == 0:
+            for hook in hooks:
+                if is_ckpt or (cfg.eval_every and epoch % cfg.eval_every == 0):
+                    metrics.update(hook(cfg, state, epoch, device))
+            if cfg.sample_every and epoch % cfg.sample_every == 0:
+                with torch.no_grad():
+                    imgs = state.sampler(z_fixed.to(device), labels_fixed.to(device) if labels_fixed is not None else None)
+                write_atomic(run_dir / "samples" / f"epoch_{epoch:04d}.png",
+                             grid_png(imgs, nrow=spec.num_classes or 8))
+            metrics["wall_s"] = round(time.time() - t_epoch, 3)
+            metrics["time"] = time.time()
+            with open(run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if is_ckpt:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    ckpt_io.save(Path(tmp), state, epoch=epoch, config=cfg.to_dict(), metrics=metrics)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics)
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+def ensure_ray(address: str | None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a local cluster; quietly."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"configure_logging": True, "logging_level": "WARNING"} if not address else {}
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail fast (instead of hanging on a placement group) when the cluster can never hold the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.workers * cfg.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise UserError(f"--workers {cfg.workers} x {cfg.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but the "
+                        f"cluster has {total.get('CPU', 0):g}")
+    need_gpu = cfg.workers * cfg.gpus_per_worker
+    if need_gpu > total.get("GPU", 0):
+        raise UserError(f"--workers {cfg.workers} x --gpus-per-worker {cfg.gpus_per_worker:g} needs {need_gpu:g} "
+                        f"GPUs but the cluster has {total.get('GPU', 0):g}")
+
+
+class ProgressPrinter(threading.Thread):
+    """Prints one line per epoch from metrics.jsonl while `trainer.fit()` blocks (driver side, no prefixes)."""
+
+    def __init__(self, path: Path, total_epochs: int, print_fn: Callable[[str], None] = print):
+        super().__init__(daemon=True)
+        self.path, self.total, self.print_fn = path, total_epochs, print_fn
+        self.stop_event = threading.Event()
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        size = self.path.stat().st_size
+        if size < self.offset:  # truncated by a resume after a failure: those epochs will be replayed
+            self.offset = size
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            if line.strip():
+                self.print_fn(format_progress(json.loads(line), self.total))
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.5):
+            self.poll()
+        self.poll()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=5)
+
+
+def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callbacks: list | None = None):
+    """The TorchTrainer for a validated config (used by `fit` and by Tune trial drivers)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.gpus_per_worker:
+        resources["GPU"] = cfg.gpus_per_worker
+    score = {"checkpoint_score_attribute": "fd", "checkpoint_score_order": "min"} if hooks else {}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "hooks": hooks or []},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(Path(cfg.storage).expanduser().resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep, **score),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def prepare_run_dir(cfg: TrainConfig) -> None:
+    """Check a re-used run is compatible, then save the resolved config (only after everything validated)."""
+    from gan_ray.config import save_json
+
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        for key in ("dataset", "arch", "conditional", "latent_dim", "image_size"):
+            if old.get(key) != getattr(cfg, key):
+                raise UserError(f"run {run_dir} was trained with {key}={old.get(key)!r}; cannot resume it with "
+                                f"{key}={getattr(cfg, key)!r} (use another --name)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, saved)
+
+
+def fit(cfg: TrainConfig, *, address: str | None = None, hooks: list[EpochHook] | None = None,
+        progress: bool = True):
+    """Train (or resume) a run; returns Ray's Result, or None when the run had already reached `cfg.epochs`."""
+    cfg.validate()
+    describe_dataset(cfg)  # bad dataset / --conditional on unlabelled data: fail before Ray starts
+    done = finished_epochs(cfg.run_dir)
+    if done >= cfg.epochs:
+        print(f"run {cfg.run_dir} already has {done} of {cfg.epochs} epochs; nothing to do")
+        return None
+    ensure_ray(address)
+    check_resources(cfg)
+    prepare_run_dir(cfg)
+    printer = ProgressPrinter(cfg.run_dir / METRICS_FILE, cfg.epochs) if progress else None
+    if printer:
+        printer.start()
+    try:
+        return trainer_for(cfg, hooks=hooks).fit()
+    finally:
+        if printer:
+            printer.stop()
+
+
+def finished_epochs(run_dir: Path) -> int:
+    """Epochs covered by the run's newest checkpoint (0 when there is none)."""
+    latest = latest_checkpoint(run_dir)
+    return int(json.loads((latest / ckpt_io.CONFIG_FILE).read_text())["epoch"]) if latest else 0
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint directory of a run (by epoch), or None."""
+    best, best_epoch = None, -1
+    for meta_file in run_dir.glob("checkpoint_*/" + ckpt_io.CONFIG_FILE):
+        try:
+            epoch = int(json.loads(meta_file.read_text()).get("epoch", -1))
+        except (ValueError, json.JSONDecodeError):
+            continue
+        if epoch > best_epoch:
+            best, best_epoch = meta_file.parent, epoch
+    return best
