@@ -164,7 +164,7 @@ cmd_down() {
   echo "stopping the local cluster ($(echo $pids | wc -w) processes)"
   kill -TERM $pids 2>/dev/null || true
   local _
-  for _ in $(seq 1 50); do   # up to 10 s for a clean exit
+  for _ in $(seq 1 25); do   # up to 5 s for a clean exit
     pids="$(cluster_pids)"
     [ -z "$pids" ] && break
     sleep 0.2

@@ -159,11 +159,23 @@ _NO_TOKEN_HELP = ("the cluster requires a Ray auth token and none was found: set
                   "head node)")
 
 
+def _quiet_client_logs() -> None:
+    """Ray's client logs every upload step at INFO, and warns that .git/.venv are skipped (we exclude them
+    anyway); keep the console for the job's own output."""
+    import logging
+
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+
+
 def connect(address: str):
     """A JobSubmissionClient for `address` that authenticates with the cluster token."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    _quiet_client_logs()
     headers, source = auth_headers(address)
     try:
         return JobSubmissionClient(address, headers=headers)

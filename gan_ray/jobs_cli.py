@@ -58,11 +58,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     argv = jobs.validate_entrypoint(args.job)
     address = jobs.normalise_address(args.address)
+    runtime_env = jobs.project_runtime_env(args.working_dir, env_vars=dict(args.env), extra_excludes=args.exclude)
+    client = jobs.connect(address)
     note = jobs.relative_storage_warning(argv)
     if note:
         print(note, file=sys.stderr)
-    runtime_env = jobs.project_runtime_env(args.working_dir, env_vars=dict(args.env), extra_excludes=args.exclude)
-    client = jobs.connect(address)
     sub = jobs.submit(address, argv, runtime_env=runtime_env, python=args.python,
                       submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
                       entrypoint_num_gpus=args.entrypoint_num_gpus, client=client)

@@ -1,0 +1,312 @@
+"""`gan-ray submit` against a real multi-node Ray cluster on this machine (cluster/local.sh), plus the submit
+command's own input checks.
+
+The cluster is this module's own (`ray start` processes with their own ports and temp dir), separate from the
+session `ray_cluster` fixture; nothing here touches os.environ, so RAY_ADDRESS cannot leak into other tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+LOCAL_SH = ROOT / "cluster" / "local.sh"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _free_port(avoid: set[int], pair: bool = False) -> int:
+    """A free TCP port outside Ray's worker port range (10002-19999), optionally with port+1 free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if 10002 <= port <= 20000 or port in avoid or (port + 1) in avoid:
+            continue
+        if pair:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        avoid.update({port, port + 1})
+        return port
+    raise RuntimeError("no free port")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(extra)
+    return env
+
+
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (ppid, state, cmdline) for every process."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        table[int(name)] = (int(rest[1]), rest[0], cmd)
+    return table
+
+
+def _cluster_processes(temp_dir: str) -> set[int]:
+    """Live (non-zombie) processes naming the cluster's temp dir, and all their descendants."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    roots = [pid for pid, (_, state, cmd) in table.items() if temp_dir in cmd and pid != os.getpid()]
+    found, stack = set(), roots
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, []))
+    return {pid for pid in found if table.get(pid, (0, "Z", ""))[1] != "Z"}
+
+
+def _alive(pids: set[int]) -> set[int]:
+    table = _process_table()
+    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
+
+
+def _submission_id(stdout: str) -> str:
+    for line in stdout.splitlines():
+        if line.startswith("submitted job "):
+            return line.split()[2]
+    raise AssertionError(f"no submission id in output:\n{stdout}")
+
+
+# ------------------------------------------------------------------------------------------- the cluster
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory):
+    """cluster/local.sh up with this module's own ports: a 1-CPU head and a 1-CPU worker node, so a 2-worker
+    Train run must put one worker on each node. Torn down (and checked) at module end."""
+    used: set[int] = set()
+    ports = {"GAN_RAY_GCS_PORT": _free_port(used), "GAN_RAY_DASHBOARD_PORT": _free_port(used),
+             "GAN_RAY_CLIENT_PORT": _free_port(used), "GAN_RAY_AGENT_PORT": _free_port(used, pair=True)}
+    temp_dir = f"/tmp/gr-e2e-{os.getpid()}"  # short: Unix socket paths live under it
+    env = _clean_env(**{k: str(v) for k, v in ports.items()}, GAN_RAY_TEMP_DIR=temp_dir, GAN_RAY_HEAD_CPUS="1",
+                     GAN_RAY_WORKER_NODES="1", GAN_RAY_WORKER_CPUS="1")
+    up = subprocess.run(["bash", str(LOCAL_SH), "up"], env=env, capture_output=True, text=True, timeout=180)
+    seen: set[int] = _cluster_processes(temp_dir)
+    info = {"address": f"http://127.0.0.1:{ports['GAN_RAY_DASHBOARD_PORT']}", "env": env, "temp_dir": temp_dir,
+            "seen": seen, "storage": tmp_path_factory.mktemp("e2e-storage")}
+    try:
+        assert up.returncode == 0, f"local.sh up failed:\n{up.stdout}\n{up.stderr}"
+        assert info["address"] in up.stdout
+        yield info
+    finally:
+        seen |= _cluster_processes(temp_dir)
+        down = subprocess.run(["bash", str(LOCAL_SH), "down"], env=env, capture_output=True, text=True,
+                              timeout=120)
+        left = _alive(seen) | _cluster_processes(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert down.returncode == 0, down.stderr
+    assert seen, "the cluster never had any process"
+    assert not left, f"processes left behind after local.sh down: {sorted(left)}"
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    from gan_ray.jobs import auth_headers
+
+    return JobSubmissionClient(address, headers=auth_headers(address)[0])
+
+
+@pytest.mark.slow
+def test_local_cluster_has_separate_nodes(local_cluster):
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import StateResource
+
+    from gan_ray.jobs import auth_headers
+
+    address = local_cluster["address"]
+    api = StateApiClient(address, headers=auth_headers(address)[0])
+    nodes = api.list(StateResource.NODES, options=_list_options(), raise_on_missing_output=False)
+    alive = [n for n in nodes if n.state == "ALIVE"]
+    assert len(alive) == 2 and sorted(n.is_head_node for n in alive) == [False, True]
+    assert all(n.resources_total.get("CPU") == 1.0 for n in alive)
+    # `up` again while it runs is refused rather than starting a second cluster in the same place
+    again = subprocess.run(["bash", str(LOCAL_SH), "up"], env=local_cluster["env"], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode != 0 and "already running" in again.stderr
+
+
+def _list_options(**filters):
+    from ray.util.state.common import ListApiOptions
+
+    return ListApiOptions(limit=1000, detail=True, filters=[(k, "=", v) for k, v in filters.items()])
+
+
+@pytest.mark.slow
+def test_submitted_training_spans_nodes_and_checkpoints(local_cluster):
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import StateResource
+
+    from gan_ray.jobs import auth_headers
+    from gan_ray.ray_train import latest_checkpoint
+
+    address, storage = local_cluster["address"], local_cluster["storage"]
+    r = run_cli("submit", "--address", address, "--wait", "--", "train", "--workers", "2", "--epochs", "2",
+                "--storage", str(storage), "--name", "e2e", "--sample-every", "0", timeout=240,
+                env=_clean_env())
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert "SUCCEEDED" in r.stdout and "epoch   2/2" in r.stdout  # the job's own log lines were streamed
+    sub_id = _submission_id(r.stdout)
+
+    ckpt = latest_checkpoint(storage / "e2e")
+    assert ckpt is not None and (ckpt / "state.pt").is_file()
+    assert json.loads((ckpt / "config.json").read_text())["epoch"] == 2
+    local_cluster["checkpoint"] = ckpt
+
+    # The two Ray Train workers of this job ran on two different nodes (raylets).
+    job = _client(address).get_job_info(sub_id)
+    api = StateApiClient(address, headers=auth_headers(address)[0])
+    workers = api.list(StateResource.ACTORS, options=_list_options(class_name="RayTrainWorker", job_id=job.job_id),
+                       raise_on_missing_output=False)
+    assert len(workers) == 2, workers
+    assert len({w.node_id for w in workers}) == 2, [w.node_id for w in workers]
+
+
+@pytest.mark.slow
+def test_failed_job_fails_the_command(local_cluster):
+    """A command that parses here but fails on the cluster (no such checkpoint there): the job FAILS and so does
+    `gan-ray submit --wait`, with the job's own error in the streamed log."""
+    r = run_cli("submit", "--address", local_cluster["address"], "--wait", "--", "export", "--checkpoint",
+                "/nonexistent/checkpoint", "--out", str(local_cluster["storage"] / "never"), timeout=120,
+                env=_clean_env())
+    assert r.returncode == 1, f"{r.stdout}\n{r.stderr}"
+    assert "FAILED" in r.stdout and "/nonexistent/checkpoint" in r.stdout
+    assert not (local_cluster["storage"] / "never").exists()
+
+
+@pytest.mark.slow
+def test_auth_token_is_required_and_checked(local_cluster, tmp_path, monkeypatch, capsys):
+    from gan_ray.cli import main
+
+    address = local_cluster["address"]
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["submit", "--address", address, "--", "train", "--epochs", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "rejected the auth token from RAY_AUTH_TOKEN" in lines[0], lines
+    # No token anywhere (a fresh HOME, no RAY_AUTH_* variables): a clear error, never a silent fallback.
+    env = {k: v for k, v in _clean_env(HOME=str(tmp_path)).items() if not k.startswith("RAY_AUTH")}
+    missing = subprocess.run([sys.executable, "-m", "gan_ray.cli", "submit", "--address", address, "--", "train",
+                              "--epochs", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "requires a Ray auth token" in missing.stderr, missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+
+@pytest.mark.slow
+def test_submitted_serve_answers_http(local_cluster, tmp_path):
+    import requests
+
+    ckpt = local_cluster.get("checkpoint")
+    if ckpt is None:
+        pytest.skip("needs the checkpoint of test_submitted_training_spans_nodes_and_checkpoints")
+    model = tmp_path / "model"
+    r = run_cli("export", "--checkpoint", str(ckpt), "--out", str(model))
+    assert r.returncode == 0, r.stderr
+    port = _free_port(set())
+    r = run_cli("submit", "--address", local_cluster["address"], "--", "serve", "--model", str(model),
+                "--host", "127.0.0.1", "--port", str(port), "--max-replicas", "1", timeout=60, env=_clean_env())
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    sub_id = _submission_id(r.stdout)
+    client = _client(local_cluster["address"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 150
+        while True:
+            status = client.get_job_status(sub_id).value
+            assert status in ("PENDING", "RUNNING"), client.get_job_logs(sub_id)[-3000:]
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # proxy not listening yet, or the app still deploying
+                pass
+            assert time.time() < deadline, client.get_job_logs(sub_id)[-3000:]
+            time.sleep(1)
+        resp = requests.post(f"{url}/v1/generate", json={"n": 4, "seed": 1, "format": "png"}, timeout=30)
+        assert resp.status_code == 200 and resp.content.startswith(b"\x89PNG")
+        info = requests.get(f"{url}/v1/model", timeout=10).json()
+        assert info  # the served model's model.json
+    finally:
+        client.stop_job(sub_id)
+
+
+# -------------------------------------------------------------------------- input checks (no cluster)
+@pytest.mark.parametrize("args, message", [
+    (["--address", "http://127.0.0.1:1", "--", "trian"], "invalid choice: 'trian'"),
+    (["--address", "http://127.0.0.1:1", "--", "train", "--epochs", "0"], "--epochs must be a positive integer"),
+    (["--address", "http://127.0.0.1:1", "--", "train", "--lr-g", "fast"], "--lr-g"),
+    (["--address", "http://127.0.0.1:1"], "nothing to submit"),
+    (["--address", "http://127.0.0.1:1", "--", "submit", "--", "train"], "cannot submit another job"),
+    (["--address", "127.0.0.1:6379", "--", "train"], "must be the Ray Jobs API URL"),
+    (["--address", "ray://127.0.0.1:10001", "--", "train"], "must be the Ray Jobs API URL"),
+    (["--address", "http://127.0.0.1:1", "--", "train", "--epochs", "1"], "cannot reach the Ray Jobs API"),
+])
+def test_submit_rejects_bad_input_in_one_line(args, message, capsys):
+    """In-process through the CLI's own main() (the same path as the console script; see the subprocess case
+    below): exit 2 and one line, before anything reaches a cluster."""
+    from gan_ray.cli import main
+
+    assert main(["submit", *args]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("gan-ray"), err
+
+
+def test_submit_bad_command_exits_2_from_the_console():
+    r = run_cli("submit", "--address", "http://127.0.0.1:1", "--", "train", "--arch", "transformer",
+                env=_clean_env(), timeout=120)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "--arch" in r.stderr, r.stderr
+
+
+def test_runtime_env_ships_the_project_without_bulk(tmp_path):
+    """The package Ray would upload (built with Ray's own packaging code) holds the sources, not the venv,
+    runs or git history."""
+    from ray._private.runtime_env.packaging import create_package
+
+    from gan_ray.jobs import project_root, project_runtime_env
+
+    env = project_runtime_env()
+    assert env["working_dir"] == str(project_root()) == str(ROOT)
+    assert env["env_vars"]["PYTHONUNBUFFERED"] == "1"
+    target = tmp_path / "pkg.zip"
+    create_package(env["working_dir"], target, include_gitignore=True, excludes=env["excludes"], logger=None)
+    names = zipfile.ZipFile(target).namelist()
+    assert "gan_ray/jobs.py" in names and "gan_ray/cli.py" in names and "pyproject.toml" in names
+    for bulky in (".venv/", ".git/", "runs/", "demo/", "__pycache__/"):
+        assert not any(n.startswith(bulky) or f"/{bulky}" in n for n in names), bulky
+
+
+def test_entrypoint_runs_the_shipped_code():
+    from gan_ray.jobs import entrypoint_command, validate_entrypoint
+
+    argv = validate_entrypoint(["--", "train", "--epochs", "2", "--name", "a b"])
+    assert entrypoint_command(argv) == "python -m gan_ray.cli train --epochs 2 --name 'a b'"
+    assert validate_entrypoint(["gan-ray", "export", "--checkpoint", "c", "--out", "o"])[0] == "export"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
