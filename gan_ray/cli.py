@@ -86,9 +86,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gan_ray.registry import export
+    from gan_ray.run_select import resolve_checkpoint
 
-    out = export(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} -> {out}")
+    checkpoint, why = resolve_checkpoint(args.checkpoint)  # a run directory -> its best checkpoint by fd
+    out = export(checkpoint, args.out)
+    print(f"exported {checkpoint} ({why}) -> {out}")
     return 0
 
 
@@ -152,7 +154,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="export a checkpoint's EMA generator as a model directory")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint directory, or a run directory (then its best checkpoint by fd, else the latest)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
