@@ -121,7 +121,7 @@ EOF
 cmd_up() {
   [ -x "$RAY" ] || die "no Ray in $VENV: run 'make venv' first"
   if [ -n "$(cluster_pids)" ]; then die "a local cluster is already running in $TEMP_DIR (cluster/local.sh down)"; fi
-  for port in "$GCS_PORT" "$DASHBOARD_PORT" "$CLIENT_PORT" "$AGENT_PORT"; do
+  for port in "$GCS_PORT" "$DASHBOARD_PORT" "$CLIENT_PORT" $(seq "$AGENT_PORT" $(( AGENT_PORT + WORKER_NODES ))); do
     if port_busy "$port"; then die "port $port is in use (another Ray cluster?); set GAN_RAY_*_PORT"; fi
   done
   mkdir -p "$TEMP_DIR"

@@ -107,13 +107,18 @@ def relative_storage_warning(argv: Sequence[str]) -> str | None:
 # ----------------------------------------------------------------------------------------- address and auth
 def normalise_address(address: str | None) -> str:
     """The Jobs API (dashboard) URL: http(s)://HOST:PORT. A GCS address (HOST:6379) or ray:// is a common slip."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    source = "--address"
+    if not address:
+        for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            if os.environ.get(var):
+                address, source = os.environ[var], var
+                break
     if not address:
         raise UserError("no cluster given: pass --address http://HEAD:8265 (the Ray dashboard / Jobs API)")
     address = address.strip().rstrip("/")
     parsed = urlparse(address)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise UserError(f"--address must be the Ray Jobs API URL, e.g. http://HEAD:8265, got {address!r}")
+        raise UserError(f"{source} must be the Ray Jobs API URL, e.g. http://HEAD:8265, got {address!r}")
     return address
 
 
@@ -229,7 +234,7 @@ def follow(client, job_id: str, write: Callable[[str], None] = sys.stdout.write)
 
     try:
         asyncio.run(tail())
-    except (RuntimeError, OSError) as exc:  # websocket closed abnormally: keep waiting on the status
+    except Exception as exc:  # websocket refused or closed abnormally: the job runs on, keep waiting on it
         print(f"(log stream interrupted: {exc}; waiting for the job to finish)", file=sys.stderr)
     while True:
         status = str(client.get_job_status(job_id).value)

@@ -282,6 +282,39 @@ def test_submit_bad_command_exits_2_from_the_console():
     assert len(r.stderr.strip().splitlines()) == 1 and "--arch" in r.stderr, r.stderr
 
 
+def test_address_from_the_environment_must_be_the_jobs_api(monkeypatch, capsys):
+    from gan_ray.cli import main
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address, as `ray start` prints it
+    assert main(["submit", "--", "train"]) == 2
+    assert "RAY_ADDRESS must be the Ray Jobs API URL" in capsys.readouterr().err
+
+
+def test_token_lookup_follows_rays_order(monkeypatch, tmp_path):
+    from gan_ray.errors import UserError
+    from gan_ray.jobs import auth_headers, load_auth_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    assert load_auth_token() == (None, "")
+    assert auth_headers("http://127.0.0.1:8265") == ({}, "")
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert load_auth_token()[0] == "from-home"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert load_auth_token() == ("from-path", str(token_file))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth_headers("http://127.0.0.1:8265")[0] == {"Authorization": "Bearer from-env"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="RAY_AUTH_TOKEN_PATH"):
+        load_auth_token()
+
+
 def test_runtime_env_ships_the_project_without_bulk(tmp_path):
     """The package Ray would upload (built with Ray's own packaging code) holds the sources, not the venv,
     runs or git history."""
