@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread per test process: the machines have 2 cores, and Ray workers run beside the tests.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 GAN_RAY = [sys.executable, "-m", "gan_ray.cli"]
