@@ -18,9 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
-
+ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`gan-ray ARGS` in a fresh process with exactly `env` (no RAY_ADDRESS unless given)."""
+    return subprocess.run([sys.executable, "-m", "gan_ray.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -224,7 +229,7 @@ def test_submitted_serve_answers_http(local_cluster, tmp_path):
     if ckpt is None:
         pytest.skip("needs the checkpoint of test_submitted_training_spans_nodes_and_checkpoints")
     model = tmp_path / "model"
-    r = run_cli("export", "--checkpoint", str(ckpt), "--out", str(model))
+    r = run_cli("export", "--checkpoint", str(ckpt), "--out", str(model), env=_clean_env())
     assert r.returncode == 0, r.stderr
     port = _free_port(set())
     r = run_cli("submit", "--address", local_cluster["address"], "--", "serve", "--model", str(model),

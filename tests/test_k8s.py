@@ -18,8 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import ROOT
-
+ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 CLUSTER = ROOT / "cluster"
 CRD_DIR = ROOT.parent / "shared" / "kuberay" / "v1.7.0" / "crds"
@@ -231,6 +230,12 @@ def test_image_pins_the_tested_dependencies():
         assert pins[name] == version(name), f"{name}: pinned {pins[name]}, tested {version(name)}"
     dockerfile = (K8S / "Dockerfile").read_text()
     assert "-c constraints.txt" in dockerfile and "--no-deps ." in dockerfile
+    # the project goes in with --no-deps, so the pinned install before it must name every dependency
+    (deps_run,) = [r for r in re.split(r"\n(?=[A-Z]+ )", dockerfile) if "-c constraints.txt" in r]
+    installed = {re.split(r"[\[<>=!~ ]", w.strip('"'), maxsplit=1)[0].lower() for w in deps_run.split()}
+    for dep in pyproject["project"]["dependencies"]:
+        name = re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0].lower()
+        assert name in installed, f"k8s/Dockerfile does not install {name}"
     users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.M)
     assert users and all(u.split(":")[0] not in ("root", "0") for u in users)
     assert users[0] == "1000:100"  # set before any RUN, never switched back
