@@ -370,6 +370,40 @@ def test_core_objects_pass_kubernetes_validate(name, obj):
         kubernetes_validate.validate(bad, "1.30", strict=True)
 
 
+_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+           "Ti": 2**40}
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes resource quantity ("500m", "8Gi", "2") as a number; anything else fails the test."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?", str(value))
+    assert m, f"not a Kubernetes quantity: {value!r}"
+    return float(m.group(1)) * _SUFFIX[m.group(2) or ""]
+
+
+def test_resource_quantities_are_valid_and_requests_fit_limits():
+    containers = [(f, c) for f, _, pod in pod_templates() for c in pod["containers"]]
+    containers += [(f, {"name": "autoscaler", **s["autoscalerOptions"]}) for f, s in cluster_specs()]
+    for f, c in containers:
+        req, lim = c["resources"]["requests"], c["resources"]["limits"]
+        for key, value in (req | lim).items():
+            quantity(value)
+        for key in req:
+            assert quantity(req[key]) <= quantity(lim[key]), (f, c["name"], key)
+        if "nvidia.com/gpu" in lim:  # extended resources: requests must equal limits
+            assert req.get("nvidia.com/gpu", lim["nvidia.com/gpu"]) == lim["nvidia.com/gpu"]
+
+
+def test_every_pod_template_is_a_valid_core_pod():
+    """The pods KubeRay will create from the templates, checked as core Pods too (strict kubernetes-validate:
+    quantities, enums, required container fields)."""
+    import kubernetes_validate
+
+    for f, group, pod in pod_templates():
+        obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{group}-pod"}, "spec": pod}
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+
+
 # --------------------------------------------------------------------------------------- `ray up` configs
 @pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
 def test_ray_up_config_validates_with_rays_schema(name):
