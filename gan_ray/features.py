@@ -141,11 +141,14 @@ class ConvAutoencoder(nn.Module):
 
 
 def build_net(meta: dict[str, Any]) -> nn.Module:
+    """A fresh network for an extractor's meta; its random init leaves the global RNG as it was (the training
+    hook builds one inside a training process whose RNG state is checkpointed)."""
     shape = tuple(meta["image_shape"])
-    if meta["kind"] == "classifier":
-        return ConvClassifier(shape[0], meta["num_classes"], meta["feature_dim"], meta["recipe"]["width"],
-                              meta["recipe"]["hidden"])
-    return ConvAutoencoder(shape, meta["feature_dim"], meta["recipe"]["width"], meta["recipe"]["hidden"])
+    with torch.random.fork_rng(devices=[]):
+        if meta["kind"] == "classifier":
+            return ConvClassifier(shape[0], meta["num_classes"], meta["feature_dim"], meta["recipe"]["width"],
+                                  meta["recipe"]["hidden"])
+        return ConvAutoencoder(shape, meta["feature_dim"], meta["recipe"]["width"], meta["recipe"]["hidden"])
 
 
 # ----------------------------------------------------------------------------------------------- extractor
