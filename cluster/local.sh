@@ -21,8 +21,10 @@
 #   GAN_RAY_AGENT_PORT [52365]     dashboard agent HTTP port of the head; worker node i uses +i
 #   GAN_RAY_TEMP_DIR [/tmp/gan-ray-local-$GAN_RAY_GCS_PORT]   session files and logs of this cluster only
 #
-# `down` stops exactly this cluster's processes (those whose command line names its temp dir), never other Ray
-# clusters on the machine, which is why it does not call `ray stop` (that stops every Ray on the machine).
+# `down` stops exactly this cluster's processes (those whose command line names its temp dir, and all their
+# descendants), never other Ray clusters on the machine, which is why it does not call `ray stop` (that stops
+# every Ray on the machine). Ray's own CLI (`ray job ...`, `ray status`) needs RAY_AUTH_MODE=token to send the
+# token; gan-ray submit always sends it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

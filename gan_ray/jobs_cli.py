@@ -68,9 +68,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
                       entrypoint_num_gpus=args.entrypoint_num_gpus, client=client)
     print(f"submitted job {sub.submission_id} to {address}: {sub.entrypoint}", flush=True)
     if not args.wait:
-        print(f"  follow it: ray job logs --follow {sub.submission_id} --address {address}")
-        print(f"  status:    ray job status {sub.submission_id} --address {address}")
-        print(f"  stop it:   ray job stop {sub.submission_id} --address {address}")
+        ray_cli = "RAY_AUTH_MODE=token ray" if jobs.load_auth_token()[0] else "ray"  # Ray's CLI sends it only then
+        print(f"  follow it: {ray_cli} job logs --follow {sub.submission_id} --address {address}")
+        print(f"  status:    {ray_cli} job status {sub.submission_id} --address {address}")
+        print(f"  stop it:   {ray_cli} job stop {sub.submission_id} --address {address}")
         return 0
     try:
         status = jobs.follow(client, sub.submission_id)

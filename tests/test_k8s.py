@@ -128,6 +128,12 @@ def test_kustomization_ties_every_manifest_together():
     names = {o["metadata"]["name"] for _, o in manifests() if o["kind"] == "Namespace"}
     assert kz["namespace"] in names
     assert [i["name"] for i in kz["images"]] == [IMAGE.split(":")[0]]
+    for f, o in manifests():  # DNS-1035 labels: KubeRay derives Service names from them (keep room to append)
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", o["metadata"]["name"]) and \
+            len(o["metadata"]["name"]) <= 40, f
+        for key, value in o["metadata"].get("labels", {}).items():
+            assert re.fullmatch(r"([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", key), (f, key)
+            assert re.fullmatch(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?", value) and len(value) <= 63
     kinds = {o["kind"] for _, o in manifests()}
     assert {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim", "Namespace"} <= kinds
 
