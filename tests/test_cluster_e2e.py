@@ -235,6 +235,7 @@ def test_submitted_serve_answers_http(local_cluster, tmp_path):
     r = run_cli("submit", "--address", local_cluster["address"], "--", "serve", "--model", str(model),
                 "--host", "127.0.0.1", "--port", str(port), "--max-replicas", "1", timeout=60, env=_clean_env())
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert "follow it:" in r.stdout  # without --wait: returns at once, saying how to follow the job
     sub_id = _submission_id(r.stdout)
     client = _client(local_cluster["address"])
     url = f"http://127.0.0.1:{port}"
