@@ -1,0 +1,377 @@
+"""Ray Serve application (issue 5): every endpoint and format over real HTTP to a real Serve deployment."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from gan_ray.config import TrainConfig
+
+
+def train_model_dir(root: Path, *, conditional: bool, steps: int = 400, seed: int = 0) -> Path:
+    """A real exported model in seconds: the MLP GAN trained in-process on digits with gan_ray.step (no Ray
+    Train), checkpointed with gan_ray.checkpoint and exported with gan_ray.registry."""
+    from gan_ray import checkpoint
+    from gan_ray.data import load_dataset
+    from gan_ray.models import ModelSpec, build
+    from gan_ray.registry import export
+    from gan_ray.step import make_state, train_step
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)  # 2 cores shared with Ray: more threads only spin
+    cfg = TrainConfig(dataset="digits", arch="mlp", conditional=conditional, batch_size=64, epochs=1,
+                      ema_halflife_kimg=2.0, seed=seed)
+    data = load_dataset("digits")
+    spec = ModelSpec("mlp", cfg.latent_dim, data.shape, data.num_classes if conditional else 0)
+    G, D = build(spec)
+    state = make_state(spec, G, D, lr_g=cfg.lr_g, lr_d=cfg.lr_d, beta1=cfg.beta1, ema_halflife_kimg=2.0)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        real, labels = data.batch(idx)
+        train_step(state, real, labels if conditional else None)
+    name = "conditional" if conditional else "unconditional"
+    ckpt = checkpoint.save(root / f"ckpt-{name}", state, epoch=1, config=cfg.to_dict())
+    return export(ckpt, root / f"model-{name}")
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+import base64  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import requests  # noqa: E402
+
+from tests.conftest import run_cli  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+COND_STEPS = 200  # a real (if young) conditional GAN: enough to test the plumbing, seconds to train
+UNCOND_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def serve_models(tmp_path_factory) -> dict[str, Path]:
+    """One conditional and one unconditional exported model, shared by the serve test modules."""
+    root = tmp_path_factory.mktemp("serve-models")
+    return {"conditional": train_model_dir(root, conditional=True, steps=COND_STEPS),
+            "unconditional": train_model_dir(root, conditional=False, steps=UNCOND_STEPS)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(ray_cluster) -> None:
+    """Serve on the session cluster, on a free port unless another module already started it."""
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+
+
+def deploy(name: str, model_dir: Path, **options) -> str:
+    """Deploy the app exactly as `serve run gan_ray.serve:app model=DIR` would (Ray's own builder call) under
+    /<name>, and return its base URL once it answers."""
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray._common.utils import import_attr
+
+    from gan_ray.serve import http_url
+    from gan_ray.serve_client import wait_ready
+
+    builder = import_attr("gan_ray.serve:app")
+    app = call_user_app_builder_with_args_if_necessary(builder, {"model": str(model_dir), **options})
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    url = f"{http_url()}/{name}"
+    wait_ready(url, timeout_s=120)
+    return url
+
+
+@dataclass
+class Served:
+    cond: str
+    uncond: str
+    models: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, serve_models) -> Served:
+    from ray import serve
+
+    start_serve(ray_cluster)
+    common = dict(min_replicas=1, max_replicas=1, cpus_per_replica=0.5, max_batch_size=16)
+    s = Served(deploy("t-cond", serve_models["conditional"], **common),
+               deploy("t-uncond", serve_models["unconditional"], **common), serve_models)
+    yield s
+    for name in ("t-cond", "t-uncond"):
+        serve.delete(name)
+
+
+def post(url: str, body, **kw) -> requests.Response:
+    return requests.post(url + "/v1/generate", json=body, timeout=60, **kw)
+
+
+def npz_arrays(content: bytes) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(content), allow_pickle=False) as z:
+        return z["images"], z["labels"]
+
+
+def png_array(content: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+# ----------------------------------------------------------------------------------------------------- endpoints
+def test_healthz_model_and_docs(served):
+    assert requests.get(served.cond + "/healthz", timeout=10).json() == {"status": "ok"}
+    info = requests.get(served.cond + "/v1/model", timeout=10).json()
+    assert info == json.loads((served.models["conditional"] / "model.json").read_text())
+    assert info["num_classes"] == 10
+    docs = requests.get(served.cond + "/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = requests.get(served.cond + "/openapi.json", timeout=10).json()
+    assert {"/v1/generate", "/v1/model", "/healthz"} <= set(spec["paths"])
+
+
+def test_png_default_is_one_grid(served):
+    r = post(served.cond, {})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    one = png_array(r.content)
+    r16 = post(served.cond, {"n": 16, "labels": 3, "seed": 5})
+    grid = png_array(r16.content)
+    # 4 x 4 tiles of 28 px with 2 px borders, upscaled 2x (like `gan-ray sample --out x.png`)
+    assert grid.shape == (2 * (4 * 30 + 2), 2 * (4 * 30 + 2))
+    assert one.shape == (2 * 32, 2 * 32)
+    assert r16.headers["x-seed"] == "5" and r16.headers["x-labels"] == ",".join(["3"] * 16)
+
+
+def test_npz_matches_the_models_own_generate(served):
+    """The `gan-ray sample` array format, with the requested labels; the images are the model's own for that
+    seed (the server pads to 16-row blocks, so equal to float rounding, and bit-equal to its local renderer)."""
+    from gan_ray.registry import load_generator
+    from gan_ray.serve import GenerateRequest, Renderer
+
+    labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 7]
+    r = post(served.cond, {"n": 12, "labels": labels, "seed": 11, "format": "npz"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-npz"
+    images, lab = npz_arrays(r.content)
+    assert images.dtype == np.float32 and images.shape == (12, 1, 28, 28)
+    assert lab.dtype == np.int64 and lab.tolist() == labels
+    gen = load_generator(served.models["conditional"])
+    own = gen.generate(12, labels, seed=11).numpy()
+    np.testing.assert_allclose(images, own, atol=1e-5)
+    torch.set_num_threads(1)
+    local = Renderer(gen)
+    job = local.job(GenerateRequest(n=12, labels=labels, seed=11, format="npz"))
+    assert local.render([job])[0].body == r.content
+    other = npz_arrays(post(served.cond, {"n": 12, "labels": 4, "seed": 11, "format": "npz"}).content)[0]
+    assert not np.allclose(other, images)  # the label changes the image
+
+
+def test_json_format_base64_png_per_image(served):
+    r = post(served.cond, {"n": 5, "labels": [1, 1, 2, 3, 5], "seed": 2, "format": "json"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["n"] == 5 and body["seed"] == 2 and body["labels"] == [1, 1, 2, 3, 5]
+    assert body["image_shape"] == [1, 28, 28] and len(body["images"]) == 5
+    tiles = np.stack([png_array(base64.b64decode(s)) for s in body["images"]])
+    images, _ = npz_arrays(post(served.cond, {"n": 5, "labels": [1, 1, 2, 3, 5], "seed": 2,
+                                             "format": "npz"}).content)
+    np.testing.assert_array_equal(tiles, np.round(images[:, 0] * 255).astype(np.uint8))
+
+
+def test_unconditional_model(served):
+    r = post(served.uncond, {"n": 3, "seed": 1, "format": "npz"})
+    images, labels = npz_arrays(r.content)
+    assert images.shape == (3, 1, 28, 28) and labels.tolist() == [-1, -1, -1]
+    assert requests.get(served.uncond + "/v1/model", timeout=10).json()["num_classes"] == 0
+
+
+def test_same_seed_same_bytes_however_requests_are_batched(served):
+    """Byte-identical responses for the same parameters, alone or amid concurrent requests of other sizes
+    (which the replica merges into one forward)."""
+    for fmt in ("png", "npz", "json"):
+        ref = {"n": 7, "labels": 2, "seed": 123, "format": fmt}
+        alone = post(served.cond, ref).content
+        noise = [{"n": n, "seed": n, "format": "npz"} for n in (1, 33, 64, 5, 256, 17)]
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(post, served.cond, body) for body in [ref, *noise, ref, *noise, ref]]
+            results = [f.result() for f in futures]
+        assert all(r.status_code == 200 for r in results)
+        copies = [r.content for r, body in zip(results, [ref, *noise, ref, *noise, ref]) if body is ref]
+        assert copies == [alone] * 3, fmt
+    assert post(served.cond, {"n": 7, "seed": 124, "format": "npz"}).content != \
+        post(served.cond, {"n": 7, "seed": 123, "format": "npz"}).content
+    unseeded = [post(served.cond, {"n": 2, "format": "npz"}) for _ in range(2)]
+    assert unseeded[0].content != unseeded[1].content
+    # the seed a server picked reproduces its response
+    again = post(served.cond, {"n": 2, "format": "npz", "seed": int(unseeded[0].headers["x-seed"])})
+    assert again.content == unseeded[0].content
+
+
+def test_label_accuracy_over_http_equals_the_models_own(served):
+    """The metrics module's label accuracy on HTTP-served samples equals that of the model's own `generate` for
+    the same seed and labels (and the served labels are the requested ones)."""
+    from gan_ray.metrics import score_labels
+    from gan_ray.registry import load_generator
+
+    requested = [i % 10 for i in range(200)]
+    images, labels = npz_arrays(post(served.cond, {"n": 200, "labels": requested, "seed": 7,
+                                                   "format": "npz"}).content)
+    assert labels.tolist() == requested
+    gen = load_generator(served.models["conditional"])
+    served_acc = score_labels(torch.from_numpy(images), requested)
+    own_acc = score_labels(gen.generate(200, requested, seed=7), requested)
+    print(f"label accuracy: served {served_acc:.3f}, model's own {own_acc:.3f}")
+    assert served_acc == own_acc
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+BAD_BODIES = [
+    ("n 0", {"n": 0}, "n"),
+    ("n 257", {"n": 257}, "n"),
+    ("n string", {"n": "3"}, "n"),
+    ("n float", {"n": 2.5}, "n"),
+    ("labels too few", {"n": 3, "labels": [1, 2]}, "labels"),
+    ("label out of range", {"n": 2, "labels": [1, 10]}, "0..9"),
+    ("negative label", {"labels": -1}, "labels"),
+    ("label bool", {"labels": True}, "labels"),
+    ("labels strings", {"n": 1, "labels": ["7"]}, "labels"),
+    ("seed string", {"seed": "1"}, "seed"),
+    ("seed negative", {"seed": -5}, "seed"),
+    ("seed huge", {"seed": 2**64}, "seed"),
+    ("unknown format", {"format": "gif"}, "format"),
+    ("unknown field", {"count": 3}, "count"),
+    ("not an object", [1, 2, 3], "body"),
+]
+
+
+@pytest.mark.parametrize("case,body,mentions", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_input_is_4xx_with_detail(served, case, body, mentions):
+    r = post(served.cond, body)
+    assert r.status_code == 422, r.text
+    assert mentions in json.dumps(r.json()["detail"])
+
+
+def test_labels_on_unconditional_model(served):
+    r = post(served.uncond, {"n": 2, "labels": 1})
+    assert r.status_code == 422 and "unconditional" in r.json()["detail"]
+
+
+def test_malformed_oversized_and_wrong_method(served):
+    url = served.cond + "/v1/generate"
+    r = requests.post(url, data=b'{"n": 2,', headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    big = json.dumps({"n": 1, "pad": "x" * 100_000}).encode()
+    r = requests.post(url, data=big, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "exceeds" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit applies while streaming
+        yield b'{"n": 1, "pad": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = requests.post(url, data=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "exceeds" in r.json()["detail"]
+    r = requests.get(url, timeout=30)
+    assert r.status_code == 405 and "detail" in r.json()
+    r = requests.post(url, data=b"n=3", headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert 400 <= r.status_code < 500 and "detail" in r.json()
+
+
+def test_schemathesis_fuzz_finds_no_server_error(served):
+    """Property-based fuzzing of the OpenAPI schema, valid and invalid inputs: never a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(served.cond + "/openapi.json")
+    schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+    failures: list[str] = []
+    calls = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        strategy = (operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
+                    | operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+
+        examples = 150 if operation.path.endswith("/generate") else 5
+
+        @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def run(case):
+            nonlocal calls
+            response = case.call(base_url=served.cond, timeout=60)
+            calls += case.path.endswith("/generate")
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.path} {case.body!r} -> {response.status_code}")
+
+        run()
+    print(f"schemathesis: {calls} calls to /v1/generate")
+    assert calls >= 100
+    assert not failures, failures[:5]
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+def test_cli_generate_client(served, tmp_path):
+    out = tmp_path / "sevens.npz"
+    r = run_cli("generate", "--url", served.cond, "--n", "4", "--labels", "7", "--seed", "1", "--out", str(out),
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    images, labels = npz_arrays(out.read_bytes())
+    assert images.shape == (4, 1, 28, 28) and labels.tolist() == [7] * 4
+    assert out.read_bytes() == post(served.cond, {"n": 4, "labels": 7, "seed": 1, "format": "npz"}).content
+    png = tmp_path / "grid.png"
+    assert run_cli("generate", "--url", served.cond, "--n", "9", "--labels", "1,2,3,1,2,3,1,2,3", "--out",
+                   str(png)).returncode == 0
+    assert png_array(png.read_bytes()).shape == (2 * (3 * 30 + 2), 2 * (3 * 30 + 2))
+    bad = run_cli("generate", "--url", served.cond, "--labels", "12", "--out", str(tmp_path / "x.png"))
+    assert bad.returncode == 2 and "0..9" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x.png").exists()
+    down = run_cli("generate", "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "y.png"))
+    assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+def test_cli_serve_refuses_missing_or_corrupt_model(tmp_path):
+    """Before anything is served (no Ray is started: this fails in about a second)."""
+    r = run_cli("serve", "--model", str(tmp_path / "nope"), timeout=60)
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.json").write_text("{not json")
+    (corrupt / "generator.safetensors").write_bytes(b"garbage")
+    r = run_cli("serve", "--model", str(corrupt), timeout=60)
+    assert r.returncode == 2 and "malformed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_build_writes_a_valid_deploy_config(serve_models, tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from gan_ray.serve import ServeArgs
+
+    out = tmp_path / "serve.yaml"
+    r = run_cli("serve", "--model", str(serve_models["conditional"]), "--build", "--max-replicas", "3",
+                "--target-ongoing", "4", "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    config = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    (app_cfg,) = config.applications
+    assert app_cfg.import_path == "gan_ray.serve:app"
+    args = ServeArgs.model_validate(app_cfg.args)
+    assert Path(args.model) == serve_models["conditional"].resolve()
+    assert (args.max_replicas, args.target_ongoing) == (3, 4.0)
+    packaged = Path(__file__).resolve().parents[1] / "gan_ray" / "serve_config.yaml"
+    (pkg_app,) = ServeDeploySchema.model_validate(yaml.safe_load(packaged.read_text())).applications
+    assert pkg_app.import_path == "gan_ray.serve:app" and ServeArgs.model_validate(pkg_app.args).model
+    r = run_cli("serve", "--model", str(serve_models["conditional"]), "--build", "--max-ongoing", "4",
+                "--target-ongoing", "8")
+    assert r.returncode == 2 and "must exceed" in r.stderr
