@@ -312,11 +312,10 @@ def test_training_reports_fd_and_export_takes_the_best(ray_cluster, cache, tmp_p
     rows = read_metrics(cfg.run_dir / METRICS_FILE)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["fd"]) and r["fd_ratio"] > 0 for r in rows)
-    kept = checkpoints(cfg.run_dir)
-    assert len(kept) == 2
     fd_by_epoch = {r["epoch"]: r["fd"] for r in rows}
-    two_best = sorted(fd_by_epoch, key=fd_by_epoch.get)[:2]
-    assert sorted(int(m["epoch"]) for _, m in kept) == sorted(two_best)
+    two_best = set(sorted(fd_by_epoch, key=fd_by_epoch.get)[:2])
+    kept = {int(m["epoch"]) for _, m in checkpoints(cfg.run_dir)}
+    assert kept - {4} == two_best - {4}  # Ray keeps the --keep best by fd, plus always the latest (for resume)
     best, why = select(cfg.run_dir)
     best_epoch = min(fd_by_epoch, key=fd_by_epoch.get)
     assert json.loads((best / "config.json").read_text())["epoch"] == best_epoch and "best fd" in why
