@@ -120,6 +120,24 @@ sys.exit(f"only {alive} of {want} nodes came up within 120 s")
 EOF
 }
 
+start_nodes() {
+  # One attempt at starting the head and the worker nodes; returns non-zero (and leaves cleanup to the caller)
+  # on failure.
+  echo "starting head node (${HEAD_CPUS} CPU, GCS :$GCS_PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT)"
+  "$RAY" start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
+      --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+      --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
+      --temp-dir "$TEMP_DIR" --disable-usage-stats >>"$LOG" 2>&1 || { echo "head node failed to start" >&2; return 1; }
+  local i
+  for i in $(seq 1 "$WORKER_NODES"); do
+    echo "starting worker node $i (${WORKER_CPUS} CPU, resources $WORKER_RESOURCES)"
+    "$RAY" start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 --num-cpus "$WORKER_CPUS" \
+        --num-gpus 0 --resources "$WORKER_RESOURCES" --dashboard-agent-listen-port $(( AGENT_PORT + i )) \
+        --temp-dir "$TEMP_DIR" --disable-usage-stats >>"$LOG" 2>&1 || { echo "worker node $i failed to start" >&2; return 1; }
+  done
+  wait_for_nodes
+}
+
 cmd_up() {
   [ -x "$RAY" ] || die "no Ray in $VENV: run 'make venv' first"
   if [ -n "$(cluster_pids)" ]; then die "a local cluster is already running in $TEMP_DIR (cluster/local.sh down)"; fi
@@ -129,29 +147,23 @@ cmd_up() {
   mkdir -p "$TEMP_DIR"
   : > "$LOG"
   "$RAY" get-auth-token --generate > /dev/null 2>>"$LOG" || die "cannot create the auth token (see $LOG)"
-
-  echo "starting head node (${HEAD_CPUS} CPU, GCS :$GCS_PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT)"
-  if ! "$RAY" start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
-      --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
-      --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
-      --temp-dir "$TEMP_DIR" --disable-usage-stats >>"$LOG" 2>&1; then
-    tail -n 20 "$LOG" >&2; cmd_down >/dev/null 2>&1 || true; die "head node failed to start (log: $LOG)"
-  fi
-  local i
-  for i in $(seq 1 "$WORKER_NODES"); do
-    echo "starting worker node $i (${WORKER_CPUS} CPU, resources $WORKER_RESOURCES)"
-    if ! "$RAY" start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 --num-cpus "$WORKER_CPUS" \
-        --num-gpus 0 --resources "$WORKER_RESOURCES" --dashboard-agent-listen-port $(( AGENT_PORT + i )) \
-        --temp-dir "$TEMP_DIR" --disable-usage-stats >>"$LOG" 2>&1; then
-      tail -n 20 "$LOG" >&2; cmd_down >/dev/null 2>&1 || true; die "worker node $i failed to start (log: $LOG)"
-    fi
-  done
-  if ! wait_for_nodes; then cmd_down >/dev/null 2>&1 || true; die "the cluster did not come up (log: $LOG)"; fi
-  cat <<EOF
+  # Ray gives a raylet 30 s to register; a heavily loaded machine can miss that, so a failed start is cleaned
+  # up and tried again (GAN_RAY_START_ATTEMPTS, default 3).
+  local attempt attempts="${GAN_RAY_START_ATTEMPTS:-3}"
+  for attempt in $(seq 1 "$attempts"); do
+    if start_nodes; then
+      cat <<EOF
 Ray cluster up: 1 head + $WORKER_NODES worker node(s); Jobs API and dashboard: http://127.0.0.1:$DASHBOARD_PORT
   submit: $VENV/bin/gan-ray submit --address http://127.0.0.1:$DASHBOARD_PORT --wait -- train --workers 2 --storage /tmp/gan-ray-runs
   stop:   cluster/local.sh down
 EOF
+      return 0
+    fi
+    tail -n 5 "$LOG" >&2
+    cmd_down > /dev/null 2>&1 || true
+    [ "$attempt" -lt "$attempts" ] && echo "retrying ($((attempt + 1))/$attempts)" >&2
+  done
+  die "the cluster did not come up after $attempts attempts (log: $LOG)"
 }
 
 cmd_status() {
@@ -173,7 +185,7 @@ cmd_down() {
   done
   if [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null || true; sleep 0.5; fi
   pids="$(cluster_pids)"
-  [ -z "$pids" ] || die "processes still running: $pids"
+  [ -z "$pids" ] || { echo "local.sh: processes still running: $pids" >&2; return 1; }
   echo "local cluster stopped; no Ray process of it is left"
 }
 

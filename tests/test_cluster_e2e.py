@@ -110,7 +110,7 @@ def local_cluster(tmp_path_factory):
     temp_dir = f"/tmp/gr-e2e-{os.getpid()}"  # short: Unix socket paths live under it
     env = _clean_env(**{k: str(v) for k, v in ports.items()}, GAN_RAY_TEMP_DIR=temp_dir, GAN_RAY_HEAD_CPUS="1",
                      GAN_RAY_WORKER_NODES="1", GAN_RAY_WORKER_CPUS="1")
-    up = subprocess.run(["bash", str(LOCAL_SH), "up"], env=env, capture_output=True, text=True, timeout=180)
+    up = subprocess.run(["bash", str(LOCAL_SH), "up"], env=env, capture_output=True, text=True, timeout=420)
     seen: set[int] = _cluster_processes(temp_dir)
     info = {"address": f"http://127.0.0.1:{ports['GAN_RAY_DASHBOARD_PORT']}", "env": env, "temp_dir": temp_dir,
             "seen": seen, "storage": tmp_path_factory.mktemp("e2e-storage")}
