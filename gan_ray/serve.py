@@ -413,6 +413,8 @@ class ServeArgs(BaseModel):
     cpus_per_replica: float = Field(1.0, ge=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1, description="intra-op threads per CPU replica (Serve scales by replicas)")
+    health_check_period_s: float = Field(10.0, gt=0, description="how often the controller checks replicas")
+    health_check_timeout_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeArgs":
@@ -452,6 +454,8 @@ def build_app(args: ServeArgs) -> serve.Application:
     deployment = GeneratorServer.options(
         autoscaling_config=args.autoscaling_config(),
         max_ongoing_requests=limit,
+        health_check_period_s=args.health_check_period_s,
+        health_check_timeout_s=args.health_check_timeout_s,
         ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
     )
     return deployment.bind(str(model_dir), device=device, max_batch_size=min(args.max_batch_size, limit),

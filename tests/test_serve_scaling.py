@@ -1,0 +1,146 @@
+"""Ray Serve under load (issue 5): autoscaling up and back down, and a replica process killed mid-load.
+
+Real replicas, real HTTP on loopback, a real SIGKILL. Load is bounded in time and count; autoscaling knobs are
+short (metrics every 0.5 s, 2 s look-back and downscale delay) so each test takes tens of seconds.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+
+from tests.test_serve import deploy, serve_models, start_serve  # noqa: F401  (serve_models is a fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Load:
+    """Closed-loop HTTP load from `workers` threads until stopped (or `max_s`): counts successes and failures."""
+
+    url: str
+    body: dict
+    workers: int
+    max_s: float = 120.0
+    ok: int = 0
+    failed: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.workers)]
+        self._deadline = time.monotonic() + self.max_s
+
+    def _run(self) -> None:
+        with requests.Session() as s:
+            while not self._stop.is_set() and time.monotonic() < self._deadline:
+                try:
+                    r = s.post(self.url + "/v1/generate", json=self.body, timeout=30)
+                    good, what = r.status_code == 200, r.status_code
+                except requests.RequestException as exc:
+                    good, what = False, type(exc).__name__
+                with self._lock:
+                    if good:
+                        self.ok += 1
+                    else:
+                        self.failed.append(what)
+
+    @property
+    def total(self) -> int:
+        return self.ok + len(self.failed)
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def running_replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    dep = status.deployments["GeneratorServer"]
+    return int(dep.replica_states.get("RUNNING", 0))
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def replica_actors(app: str) -> list:
+    import ray
+    from ray.util.state import list_actors
+
+    # explicit address: other Ray clusters may run on the same machine
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", f"ServeReplica:{app}:GeneratorServer"),
+                                ("state", "=", "ALIVE")])
+
+
+FAST_SCALING = dict(upscale_delay_s=0.5, downscale_delay_s=2.0, look_back_period_s=2.0, metrics_interval_s=0.5,
+                    cpus_per_replica=0.5)
+
+
+def test_autoscales_up_under_load_and_back_down(ray_cluster, serve_models):
+    from ray import serve
+
+    start_serve(ray_cluster)
+    app = "t-scale"
+    url = deploy(app, serve_models["unconditional"], min_replicas=1, max_replicas=2, target_ongoing=1,
+                 max_ongoing=4, max_batch_size=4, **FAST_SCALING)
+    try:
+        assert running_replicas(app) == 1
+        with Load(url, {"n": 64, "format": "npz"}, workers=6, max_s=90) as load:
+            up_s = wait_for(lambda: running_replicas(app) >= 2, 75, "a second replica under load")
+            print(f"scaled up to {running_replicas(app)} replicas after {up_s:.1f}s of load")
+        assert load.ok > 0 and not load.failed, load.failed[:5]
+        down_s = wait_for(lambda: running_replicas(app) == 1, 75, "scaling back to 1 replica")
+        print(f"scaled back to 1 replica {down_s:.1f}s after the load stopped ({load.total} requests served)")
+    finally:
+        serve.delete(app)
+
+
+def test_killed_replica_is_replaced_and_clients_barely_notice(ray_cluster, serve_models):
+    from ray import serve
+
+    start_serve(ray_cluster)
+    app = "t-kill"
+    url = deploy(app, serve_models["unconditional"], min_replicas=2, max_replicas=2, cpus_per_replica=0.5,
+                 health_check_period_s=1.0, health_check_timeout_s=5.0)
+    try:
+        wait_for(lambda: running_replicas(app) == 2 and len(replica_actors(app)) == 2, 60, "two replicas")
+        before = {a.actor_id: a.pid for a in replica_actors(app)}
+        with Load(url, {"n": 4, "format": "json"}, workers=4, max_s=120) as load:
+            wait_for(lambda: load.total >= 50, 30, "traffic to flow")
+            victim_id, victim_pid = next(iter(before.items()))
+            os.kill(victim_pid, signal.SIGKILL)
+            at_kill = load.total
+            replaced_s = wait_for(
+                lambda: running_replicas(app) == 2 and len(after := {a.actor_id for a in replica_actors(app)}) == 2
+                and victim_id not in after, 90, "a replacement replica")
+            # keep the load on until enough requests ran for a 1% bound to mean something
+            wait_for(lambda: load.total >= max(500, at_kill + 300), 90, "500 requests in total")
+        failure_rate = len(load.failed) / load.total
+        print(f"replica pid {victim_pid} killed after {at_kill} requests; replaced in {replaced_s:.1f}s; "
+              f"{len(load.failed)} of {load.total} requests failed ({failure_rate:.2%}): {load.failed[:5]}")
+        assert failure_rate <= 0.01
+        assert victim_pid not in {a.pid for a in replica_actors(app)}
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    finally:
+        serve.delete(app)
