@@ -120,13 +120,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_dir = cfg.run_dir
     start_epoch = 1
     restored = ray.train.get_checkpoint()
+    if restored is None and config.get("init_checkpoint"):
+        # A new run seeded with another run's full state (a PBT exploit: the donor's G, D, EMA and optimisers).
+        restored = ray.train.Checkpoint.from_directory(config["init_checkpoint"])
     if restored is not None:
         with restored.as_directory() as d:
             _, sd = ckpt_io.load(d, map_location=device)
             start_epoch = ckpt_io.load_state_dict(state, sd) + 1
+        # The config's learning rates win over the ones saved with the optimiser state: a no-op on a plain resume,
+        # and after an exploit the trial trains on with its own (mutated) rates and the donor's Adam moments.
+        for opt, lr in ((state.opt_g, cfg.lr_g), (state.opt_d, cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr
     if rank == 0:
         truncate_metrics(run_dir / METRICS_FILE, start_epoch - 1)  # rows after the checkpoint are replayed
     z_fixed, labels_fixed = fixed_noise(spec, cfg.seed)
+    # Marks the first epoch after a restore (resume, or recovery from a lost worker) in metrics.jsonl.
+    restored_from = start_epoch - 1 if restored is not None else None
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.time()
@@ -135,6 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         seed=cfg.seed)
         metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "images_seen": state.images_seen,
                                    **_all_reduce_epoch(res, world, device)}
+        if restored_from is not None and epoch == start_epoch:
+            metrics["restored_from"] = restored_from
         is_ckpt = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
         if rank == 0:
             for hook in hooks:

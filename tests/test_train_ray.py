@@ -1,0 +1,113 @@
+"""Ray Train end to end on digits: a real local cluster, 2 DDP workers, checkpoints, resume, a killed worker."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from gan_ray.config import TrainConfig
+from gan_ray.errors import UserError
+from gan_ray.ray_train import finished_epochs, fit, latest_checkpoint
+from gan_ray.run_files import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def small_config(tmp_path, name: str, **over) -> TrainConfig:
+    base = dict(dataset="digits", arch="mlp", workers=2, batch_size=32, epochs=3, checkpoint_every=2, keep=2,
+                storage=str(tmp_path), name=name, eval_every=0)
+    return TrainConfig(**{**base, **over}).validate()
+
+
+def _hooks(cfg):
+    try:
+        from gan_ray.train_eval import hooks_for
+    except ImportError:
+        return []
+    return hooks_for(cfg)
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster, storage):
+    cfg = small_config(storage, "resume")
+    result = fit(cfg, hooks=_hooks(cfg), progress=False)
+    assert result.error is None
+    run = cfg.run_dir
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("epoch", "step", "loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "wall_s"):
+            assert key in r, key
+        assert r["images_per_s"] > 0 and 0 < r["d_real"] < 1
+    # 1527 images / 2 workers / 32 per batch = 23 steps per worker per epoch, counted once (rank 0's view)
+    assert rows[-1]["step"] == 3 * 23 and rows[-1]["images_seen"] == 3 * 23 * 32 * 2
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"epoch_000{i}.png" for i in (1, 2, 3)]
+    ckpts = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) == 2, "epochs 2 and 3 (the end)"
+    meta = json.loads((latest_checkpoint(run) / "config.json").read_text())
+    assert meta["epoch"] == 3 and meta["config"]["workers"] == 2
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+
+    # Same name, more epochs: continues from epoch 3's checkpoint.
+    cfg5 = small_config(storage, "resume", epochs=5)
+    fit(cfg5, hooks=_hooks(cfg5), progress=False)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[3]["restored_from"] == 3 and rows[3]["step"] == 4 * 23
+    assert finished_epochs(run) == 5
+    kept = [p for p in run.glob("checkpoint_*") if p.is_dir()]
+    # --keep 2: the two best (by fd when evaluation is on, else the newest), plus Ray always keeps the latest
+    assert 2 <= len(kept) <= 3 and latest_checkpoint(run) in kept
+    # A finished run does nothing more (and doesn't even start a trainer).
+    assert fit(cfg5, progress=False) is None
+    assert len(read_metrics(run / "metrics.jsonl")) == 5
+
+
+def _train_worker_pids() -> list[int]:
+    from ray._private.worker import get_dashboard_url
+    from ray.util.state import list_actors
+
+    # This cluster's own API server: other local clusters (parallel test runs) must not be asked.
+    actors = list_actors(address=f"http://{get_dashboard_url()}",
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_a_killed_worker_is_replaced_and_training_continues(ray_cluster, storage):
+    cfg = small_config(storage, "recover", epochs=10, checkpoint_every=2, batch_size=16, max_failures=2)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg, progress=False)))
+    thread.start()
+    metrics = cfg.run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(r["epoch"] >= 3 for r in read_metrics(metrics)):
+        time.sleep(0.5)
+    pids = _train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[1], signal.SIGKILL)  # a real worker process dies mid-run
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert outcome["result"].error is None
+    rows = read_metrics(metrics)
+    assert [r["epoch"] for r in rows] == list(range(1, 11)), "every epoch once, replayed ones replaced"
+    restores = [r["restored_from"] for r in rows if "restored_from" in r]
+    assert restores and restores[0] >= 2 and restores[0] % 2 == 0, "restarted from an even-epoch checkpoint"
+    assert finished_epochs(cfg.run_dir) == 10
+    assert pids[1] not in _train_worker_pids()
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_refused(ray_cluster, tmp_path):
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    with pytest.raises(UserError, match="CPUs"):
+        fit(small_config(tmp_path, "too-many", workers=cpus + 1), progress=False)
+    assert not (tmp_path / "too-many").exists(), "nothing written for a refused run"
