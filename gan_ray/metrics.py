@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from gan_ray.errors import UserError
+from gan_ray.features import single_thread
 
 K_NEIGHBOURS = 3
 FD_SPLITS = 64  # FD needs only means and covariances: many splits are cheap and steady the floor
@@ -298,6 +299,11 @@ class Reference:
 _REFERENCES: dict[tuple, Reference] = {}
 
 
+def clear_references() -> None:
+    """Forget the per-process references (the next evaluation reloads the extractor and re-embeds held-out)."""
+    _REFERENCES.clear()
+
+
 def reference_for(dataset: str, *, data_dir: str = "~/.cache/gan-ray/data", image_size: int = 28,
                   cache_dir: str | Path | None = None, device: torch.device | str = "cpu",
                   extractor=None, log=lambda msg: None) -> Reference:
@@ -373,8 +379,9 @@ def evaluate(images: torch.Tensor, reference: Reference, *, labels: torch.Tensor
     shares = np.asarray(ex.meta["class_shares"]) if "class_shares" in ex.meta else None
     ctx = EvalContext(gen, reference.real, make_splits(len(reference.real), n, seed), requested, shares, seed)
     values: dict[str, Any] = {k: None for k in METRIC_KEYS}
-    for name in names:
-        values.update(_METRICS[name](ctx))
+    with single_thread():  # many small kernels: one thread is faster on a busy machine, and deterministic
+        for name in names:
+            values.update(_METRICS[name](ctx))
     return {
         **values,
         "n": n, "seed": seed, "dataset": reference.dataset,

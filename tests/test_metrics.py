@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 import threading
 
 import numpy as np
@@ -323,3 +324,11 @@ def test_training_reports_fd_and_export_takes_the_best(ray_cluster, cache, tmp_p
     assert proc.returncode == 0, proc.stderr
     model = json.loads((tmp_path / "model" / "model.json").read_text())
     assert model["epoch"] == best_epoch and model["metrics"]["fd"] == pytest.approx(fd_by_epoch[best_epoch])
+
+
+def test_metric_modules_import_no_ray():
+    import subprocess
+
+    code = ("import sys, gan_ray.features, gan_ray.metrics, gan_ray.train_eval, gan_ray.run_select, "
+            "gan_ray.eval_cli; sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
