@@ -25,84 +25,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ray.tune.schedulers import ASHAScheduler
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback  # Train's documented workaround hook
 from ray.train.v2.api.callback import UserCallback
 
 from gan_ray.config import TrainConfig
 from gan_ray.errors import UserError
-from gan_ray.tune_space import Choice, Range, SearchSpace, space_to_json
+from gan_ray.tune_space import DRIVER_CPU, Choice, Range, SearchSpace, SweepSettings, space_to_json
 
 METRIC, MODE = "fd", "min"
 TIME_ATTR = "epoch"  # ASHA rungs and PBT intervals count epochs (robust to restarts, unlike training_iteration)
-DRIVER_CPU = 0.01  # the trial driver only waits on Train; it must not block a worker slot
-SCHEDULERS = ("asha", "pbt", "none")
-SEARCHERS = ("random", "optuna")
 PBT_MUTABLE = ("lr_g", "lr_d")  # what the worker loop re-applies to the optimisers after an exploit
 SWEEP_FILE = "sweep.json"
 RESULTS_CSV = "results.csv"
 PLOT_FILE = "sweep.png"
 LINEAGE_FILE = "lineage.jsonl"  # per trial: each Train run it started, and whose state it was seeded from
+ASHA_STATE = "asha_rungs.json"  # ASHA's rung records, so a resumed sweep keeps comparing against them
+TRIAL_DIR = "trial_{trial_id}"
 PG_FILE = "placement_groups.txt"  # per Train run: the worker placement groups it created (hex ids)
-
-
-@dataclass
-class SweepSettings:
-    """How the sweep runs (the space and the fixed training values are in SearchSpace)."""
-
-    trials: int = 8
-    epochs: int = 10  # per trial maximum
-    scheduler: str = "asha"
-    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: float = 3  # ASHA: keep the best 1/rf at each rung
-    perturbation_interval: int = 2  # PBT: epochs between exploit/explore decisions
-    search: str = "random"
-    workers_per_trial: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None  # None: fill the trial's CPU slots exactly (1 - DRIVER_CPU/workers)
-    max_concurrent: int | None = None  # None: what the cluster can hold
-    storage: str = "./runs"
-    name: str = "sweep"
-    seed: int = 0
-
-    def validate(self) -> "SweepSettings":
-        if self.trials < 1:
-            raise UserError(f"--trials must be a positive integer, got {self.trials}")
-        if self.epochs < 1:
-            raise UserError(f"--epochs must be a positive integer, got {self.epochs}")
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown --scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if self.search not in SEARCHERS:
-            raise UserError(f"unknown --search {self.search!r}; choose one of {', '.join(SEARCHERS)}")
-        if self.grace_period < 1 or self.grace_period > self.epochs:
-            raise UserError(f"--grace-period must lie in 1..--epochs ({self.epochs}), got {self.grace_period}")
-        if not self.reduction_factor > 1:
-            raise UserError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
-        if self.perturbation_interval < 1:
-            raise UserError(f"--perturbation-interval must be a positive integer, got {self.perturbation_interval}")
-        if self.workers_per_trial < 1:
-            raise UserError(f"--workers-per-trial must be a positive integer, got {self.workers_per_trial}")
-        if self.gpus_per_worker < 0:
-            raise UserError(f"--gpus-per-worker must not be negative, got {self.gpus_per_worker}")
-        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
-            raise UserError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise UserError(f"--max-concurrent must be a positive integer, got {self.max_concurrent}")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise UserError(f"--name must be a plain directory name, got {self.name!r}")
-        if self.search == "optuna":
-            import importlib.util
-
-            if importlib.util.find_spec("optuna") is None:
-                raise UserError("--search optuna needs the optuna package (pip install 'gan-ray[optuna]')")
-        return self
-
-    @property
-    def worker_cpus(self) -> float:
-        return self.cpus_per_worker if self.cpus_per_worker is not None else 1.0 - DRIVER_CPU / self.workers_per_trial
-
-    @property
-    def path(self) -> Path:
-        return Path(self.storage).expanduser().resolve() / self.name
 
 
 @dataclass
@@ -172,7 +112,10 @@ def fd_hooks(cfg: TrainConfig) -> list:
         from gan_ray.train_eval import hooks_for
     except ImportError as exc:  # the metrics module is part of the package; this is a broken install
         raise UserError(f"sweeps optimise fd, which needs gan_ray.train_eval ({exc})") from None
-    return hooks_for(cfg)
+    hooks = hooks_for(cfg)
+    if not hooks:
+        raise UserError(f"cannot score fd on {cfg.dataset} (see the warning above), so there is nothing to sweep on")
+    return hooks
 
 
 def trial_config(base: dict[str, Any], draw: dict[str, Any], trial_dir: Path, run_name: str) -> TrainConfig:
@@ -228,7 +171,7 @@ def release_placement_groups(trial_dir: Path, keep_latest_run: bool) -> int:
 
     from ray._raylet import PlacementGroupID
 
-    files = sorted(trial_dir.glob(f"train*/{PG_FILE}"), key=lambda p: p.stat().st_mtime)
+    files = sorted(trial_dir.glob(f"train*/{PG_FILE}"), key=lambda p: _run_index(p.parent.name))
     if keep_latest_run and files:
         files = files[:-1]
     removed = 0
@@ -244,23 +187,30 @@ def release_placement_groups(trial_dir: Path, keep_latest_run: bool) -> int:
     return removed
 
 
+def _run_index(name: str) -> int:
+    """train -> 0, train-3 -> 3: the order in which a trial started its Train runs."""
+    return int(name.split("-")[1]) if "-" in name else 0
+
+
 def _next_run_name(trial_dir: Path, seeded: bool) -> str:
     """`train` for a trial's first Train run; a fresh `train-N` each time it is seeded from a checkpoint (a Train
     run reusing a name would resume its own latest checkpoint instead of the seed)."""
     runs = sorted((p for p in trial_dir.glob("train*") if p.is_dir() and not p.name.endswith("-seed")),
-                  key=lambda p: int(p.name.split("-")[1]) if "-" in p.name else 0)
+                  key=lambda p: _run_index(p.name))
     if not seeded:
         return runs[-1].name if runs else "train"  # a restarted trial resumes its latest Train run
     return f"train-{len(runs)}"
 
 
-def train_trial(config: dict[str, Any], *, base: dict[str, Any], scheduler: str) -> None:
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], scheduler: str, experiment: str) -> None:
     """One Tune trial: build its TrainConfig, launch its TorchTrainer, forward the reports to Tune."""
     from ray import tune
 
     from gan_ray.ray_train import prepare_run_dir, trainer_for
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    # The trial's directory in the sweep's storage (Tune's get_trial_dir() is a local staging copy that is synced
+    # there later): Train writes its checkpoints straight into the sweep.
+    trial_dir = Path(experiment) / TRIAL_DIR.format(trial_id=tune.get_context().get_trial_id())
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / "driver_starts.log", "a") as f:  # one line per (re)start: resume tests count them
         f.write(f"{time.time():.3f}\n")
@@ -350,14 +300,57 @@ def to_tune_space(space: SearchSpace) -> dict[str, Any]:
     return out
 
 
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rung records survive a resume. Tune does not save scheduler state with the experiment (a
+    restored sweep gets the scheduler as it was built), so a resumed ASHA would compare new trials against
+    nothing and stop none; this one mirrors its rungs (`_brackets[i]._rungs`, Ray internals) to a JSON file."""
+
+    def __init__(self, state_file: str, **kwargs):
+        super().__init__(**kwargs)
+        self.state_file = state_file
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        path = Path(self.state_file)
+        if path.exists():
+            for bracket, rungs in zip(self._brackets, json.loads(path.read_text())):
+                for (_, recorded), saved in zip(bracket._rungs, rungs):
+                    recorded.update(saved)
+
+    def _save(self) -> None:
+        path = Path(self.state_file)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps([[dict(recorded) for _, recorded in b._rungs] for b in self._brackets]))
+        tmp.replace(path)
+
+    def on_trial_add(self, tune_controller, trial):
+        self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self._load()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._load()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+
 def make_scheduler(settings: SweepSettings, space: SearchSpace):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
 
     if settings.scheduler == "asha":
         # stop_last_trials=False: a trial reaching --epochs ends by itself (Train shuts down cleanly) instead of
         # being killed on its last report
-        return ASHAScheduler(time_attr=TIME_ATTR, max_t=settings.epochs, grace_period=settings.grace_period,
-                             reduction_factor=settings.reduction_factor, stop_last_trials=False)
+        return ResumableASHA(str(settings.path / ASHA_STATE), time_attr=TIME_ATTR, max_t=settings.epochs,
+                                       grace_period=settings.grace_period,
+                                       reduction_factor=settings.reduction_factor, stop_last_trials=False)
     if settings.scheduler == "pbt":
         mutable = {k: v for k, v in to_tune_space(space).items() if k in PBT_MUTABLE}
         if not mutable:
@@ -618,7 +611,7 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
     (exp / SWEEP_FILE).write_text(json.dumps({"fingerprint": _fingerprint(space, settings), "base": base,
                                               "settings": asdict(settings)}, indent=2, sort_keys=True) + "\n")
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=base, scheduler=settings.scheduler),
+        tune.with_parameters(train_trial, base=base, scheduler=settings.scheduler, experiment=str(exp)),
         tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}]))
     resuming = tune.Tuner.can_restore(str(exp))
     print(f"[tune] {'resuming' if resuming else 'starting'} sweep {exp}: {settings.trials} trials x "
@@ -662,7 +655,7 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    return TRIAL_DIR.format(trial_id=trial.trial_id)
 
 
 def export_best(result: SweepResult, settings: SweepSettings, out: str | Path) -> Path:

@@ -69,7 +69,7 @@ def _float(flag: str):
 
 
 def settings_from_args(args: argparse.Namespace):
-    from gan_ray.tune import SweepSettings
+    from gan_ray.tune_space import SweepSettings
 
     interval = args.perturbation_interval if args.perturbation_interval is not None else max(1, args.epochs // 4)
     return SweepSettings(trials=args.trials, epochs=args.epochs, scheduler=args.scheduler,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping, Union
 
 from gan_ray.config import TrainConfig, coerce, field_types
@@ -42,6 +43,10 @@ class Choice:
 
 
 Dimension = Union[Range, Choice]
+
+DRIVER_CPU = 0.01  # a trial's driver only waits on Train; it must not take a worker's CPU slot
+SCHEDULERS = ("asha", "pbt", "none")
+SEARCHERS = ("random", "optuna")
 
 DEFAULT_SPACE: dict[str, Dimension] = {
     "lr_g": Range(2e-5, 2e-3),
@@ -231,3 +236,63 @@ def space_to_json(space: SearchSpace) -> dict[str, Any]:
         else:
             dims[name] = {"choice": list(dim.values)}
     return {"fixed": dict(sorted(space.fixed.items())), "dims": dict(sorted(dims.items()))}
+
+
+@dataclass
+class SweepSettings:
+    """How the sweep runs (the space and the fixed training values are in SearchSpace)."""
+
+    trials: int = 8
+    epochs: int = 10  # per trial maximum
+    scheduler: str = "asha"
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: float = 3  # ASHA: keep the best 1/rf at each rung
+    perturbation_interval: int = 2  # PBT: epochs between exploit/explore decisions
+    search: str = "random"
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None  # None: fill the trial's CPU slots exactly (1 - DRIVER_CPU/workers)
+    max_concurrent: int | None = None  # None: what the cluster can hold
+    storage: str = "./runs"
+    name: str = "sweep"
+    seed: int = 0
+
+    def validate(self) -> "SweepSettings":
+        if self.trials < 1:
+            raise UserError(f"--trials must be a positive integer, got {self.trials}")
+        if self.epochs < 1:
+            raise UserError(f"--epochs must be a positive integer, got {self.epochs}")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown --scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.search not in SEARCHERS:
+            raise UserError(f"unknown --search {self.search!r}; choose one of {', '.join(SEARCHERS)}")
+        if self.grace_period < 1 or self.grace_period > self.epochs:
+            raise UserError(f"--grace-period must lie in 1..--epochs ({self.epochs}), got {self.grace_period}")
+        if not self.reduction_factor > 1:
+            raise UserError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
+        if self.perturbation_interval < 1:
+            raise UserError(f"--perturbation-interval must be a positive integer, got {self.perturbation_interval}")
+        if self.workers_per_trial < 1:
+            raise UserError(f"--workers-per-trial must be a positive integer, got {self.workers_per_trial}")
+        if self.gpus_per_worker < 0:
+            raise UserError(f"--gpus-per-worker must not be negative, got {self.gpus_per_worker}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise UserError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise UserError(f"--max-concurrent must be a positive integer, got {self.max_concurrent}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise UserError(f"--name must be a plain directory name, got {self.name!r}")
+        if self.search == "optuna":
+            import importlib.util
+
+            if importlib.util.find_spec("optuna") is None:
+                raise UserError("--search optuna needs the optuna package (pip install 'gan-ray[optuna]')")
+        return self
+
+    @property
+    def worker_cpus(self) -> float:
+        return self.cpus_per_worker if self.cpus_per_worker is not None else 1.0 - DRIVER_CPU / self.workers_per_trial
+
+    @property
+    def path(self) -> Path:
+        return Path(self.storage).expanduser().resolve() / self.name

@@ -1,0 +1,299 @@
+"""`gan-ray tune`: search-space parsing, bad input, and real sweeps (Ray Tune over Ray Train trials) on digits.
+
+The slow tests share one sweep: a 4-trial ASHA run started as a real `gan-ray tune` process, SIGKILLed once a trial
+has finished, then resumed with the same command; and a 2-member PBT run.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gan_ray.errors import UserError
+from gan_ray.tune_space import DEFAULT_SPACE, Choice, Range, build_space, parse_text
+
+from tests.conftest import GAN_RAY, ROOT, run_cli
+
+# Tiny trials: one worker, digits, a few epochs of 48 steps, the smallest sample count fd accepts on digits.
+TINY = ["--batch-size", "32", "--eval-samples", "128", "--sample-every", "0", "--workers-per-trial", "1"]
+GOOD_LR, BAD_LR = "0.0002", "0.05"  # lr_g 0.05 saturates G within an epoch: a trial ASHA must stop early
+
+
+# ------------------------------------------------------------------------------------------ space parsing (fast)
+def test_default_space_and_flag_syntax():
+    space = build_space({})
+    assert space.dims == DEFAULT_SPACE
+    assert space.dims["lr_g"] == Range(2e-5, 2e-3, log=True)
+    assert space.dims["latent_dim"] == Choice((16, 32, 64, 100, 128))
+
+    space = build_space({"lr_g": "1e-5:1e-2", "latent_dim": "32,64,128", "lr_d": "3e-4", "beta1": "0.3:0.7:lin",
+                         "arch": "mlp,dcgan", "batch_size": "16:128"})
+    assert space.dims["lr_g"] == Range(1e-5, 1e-2, log=True)
+    assert space.dims["latent_dim"] == Choice((32, 64, 128))
+    assert space.dims["beta1"] == Range(0.3, 0.7, log=False)
+    assert space.dims["arch"] == Choice(("mlp", "dcgan"))
+    assert space.dims["batch_size"] == Range(16, 128, log=True) and isinstance(space.dims["batch_size"].low, int)
+    assert space.fixed["lr_d"] == 3e-4 and "lr_d" not in space.dims
+
+
+def test_space_file(tmp_path):
+    f = tmp_path / "space.yaml"
+    f.write_text("lr-g: {loguniform: [1.0e-5, 1.0e-3]}\nlr_d: 1e-5:1e-3\nlatent_dim: [32, 64]\n"
+                 "beta1: {uniform: [0.0, 0.9]}\nconditional: true\nd_steps: {choice: [1, 2]}\n")
+    from gan_ray.config import load_yaml
+
+    space = build_space({"latent_dim": "128"}, load_yaml(f), file_name=str(f))  # a flag overrides the file
+    assert space.dims["lr_g"] == Range(1e-5, 1e-3) and space.dims["lr_d"] == Range(1e-5, 1e-3)
+    assert space.dims["beta1"] == Range(0.0, 0.9, log=False) and space.dims["d_steps"] == Choice((1, 2))
+    assert space.fixed == {"latent_dim": 128, "conditional": True}
+
+
+@pytest.mark.parametrize("flag, text, message", [
+    ("lr_g", "1e-2:1e-5", "empty or reversed"),
+    ("lr_g", "abc", "expects float"),
+    ("lr_g", "0:1e-3", "positive bounds"),
+    ("lr_g", "1e-5:1e-3:cubic", "LOW:HIGH"),
+    ("latent_dim", "8.5:64", "must be integers"),
+    ("latent_dim", "32,,64", "empty value"),
+    ("latent_dim", "0,64", "positive integer"),
+    ("arch", "mlp,resnet", "unknown --arch"),
+    ("epochs", "1,2", "cannot be searched"),
+])
+def test_bad_values(flag, text, message):
+    with pytest.raises(UserError, match=message):
+        build_space({flag: text})
+
+
+def test_space_file_errors(tmp_path):
+    from gan_ray.config import load_yaml
+
+    f = tmp_path / "s.yaml"
+    f.write_text("lr_g: 1e-5:1e-3\nlearning_rate: 0.1\n")
+    with pytest.raises(UserError, match="unknown key 'learning_rate'"):
+        build_space({}, load_yaml(f), file_name=str(f))
+    f.write_text("lr_g: {normal: [0, 1]}\n")
+    with pytest.raises(UserError, match="loguniform"):
+        build_space({}, load_yaml(f), file_name=str(f))
+
+
+def test_capacity_and_concurrency():
+    from gan_ray.tune import capacity, resolve_concurrency, trial_need
+    from gan_ray.tune_space import DRIVER_CPU, SweepSettings
+
+    two_cores = SweepSettings(trials=8)
+    assert trial_need(two_cores) == {"CPU": pytest.approx(1.0)}  # driver + worker fill one CPU exactly
+    assert resolve_concurrency(two_cores, {"CPU": 2.0}) == 2
+    assert resolve_concurrency(SweepSettings(trials=8, cpus_per_worker=1), {"CPU": 2.0}) == 1
+    gpu = SweepSettings(trials=8, gpus_per_worker=0.25, cpus_per_worker=1)
+    assert trial_need(gpu) == {"CPU": 1 + DRIVER_CPU, "GPU": 0.25}
+    assert resolve_concurrency(gpu, {"CPU": 16.0, "GPU": 1.0}) == 4  # four trials packed on one GPU
+    assert capacity({"CPU": 16.0}, trial_need(gpu)) == 0
+    with pytest.raises(UserError, match="holds only 2 trial"):
+        resolve_concurrency(SweepSettings(trials=8, max_concurrent=3), {"CPU": 2.0})
+    with pytest.raises(UserError, match="one trial needs"):
+        resolve_concurrency(SweepSettings(trials=2, workers_per_trial=3), {"CPU": 2.0})
+
+
+def test_parse_text_keeps_dataset_paths():
+    assert parse_text("dataset", "folder:/data/a,b") == "folder:/data/a,b"
+
+
+# ----------------------------------------------------------------------------------------- CLI bad input (exit 2)
+@pytest.mark.parametrize("args, message", [
+    (["--lr-g", "1e-2:1e-5"], "reversed"),
+    (["--lr-g", "abc"], "expects float"),
+    (["--trials", "0"], "--trials must be a positive integer"),
+    (["--scheduler", "hyperband"], "unknown --scheduler"),
+])
+def test_cli_bad_input(args, message, tmp_path):
+    r = run_cli("tune", *args, "--storage", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_unknown_key_in_space_file(tmp_path):
+    f = tmp_path / "space.yaml"
+    f.write_text("lr_g: 1e-5:1e-3\nlatnet_dim: [32, 64]\n")
+    r = run_cli("tune", "--space", str(f), "--storage", str(tmp_path / "runs"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "unknown key 'latnet_dim'" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_cli_more_concurrent_trials_than_the_cluster_holds(ray_cluster, tmp_path, capsys):
+    from gan_ray.cli import main
+
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    rc = main(["tune", "--max-concurrent", str(cpus + 1), "--trials", str(cpus + 1), "--storage", str(tmp_path),
+               *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"holds only {cpus} trial" in err[0]
+    assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------- real sweeps
+def _experiment_statuses(exp: Path) -> dict[str, str]:
+    """Trial statuses in Tune's saved experiment state (what a resume will see)."""
+    files = sorted(exp.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+    except json.JSONDecodeError:  # being rewritten
+        return {}
+    out = {}
+    for entry in data.get("trial_data", []):
+        trial = json.loads(entry[0])
+        out[trial["trial_id"]] = trial["status"]
+    return out
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    from gan_ray.tune import read_results_csv
+
+    return read_results_csv(path) if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(ray_cluster, tmp_path_factory):
+    """A 4-trial ASHA sweep, run as `gan-ray tune`, SIGKILLed after its first trial finished, then resumed.
+
+    Trials run one at a time so the order is the seed's (seed 1 draws good, bad, bad, bad): the first trial sets
+    the rungs and the bad config (lr_g 0.05) gives ASHA a reason to stop trials early, also after the resume."""
+    root = tmp_path_factory.mktemp("tune")
+    exp = root / "runs" / "asha"
+    address = ray_cluster.get_runtime_context().gcs_address
+    before = ray_cluster.available_resources().get("CPU", 0)
+    args = ["tune", "--trials", "4", "--epochs", "3", "--scheduler", "asha", "--grace-period", "1",
+            "--reduction-factor", "3", "--max-concurrent", "1", "--lr-g", f"{GOOD_LR},{BAD_LR}", "--lr-d", GOOD_LR,
+            "--latent-dim", "32", "--seed", "1", *TINY, "--storage", str(root / "runs"), "--name", "asha",
+            "--export", str(root / "model"), "--address", address]
+    log = open(root / "first.log", "w")
+    proc = subprocess.Popen([*GAN_RAY, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    finished: set[str] = set()
+    deadline = time.time() + 420
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = {r["trial_id"] for r in _csv_rows(exp / "results.csv") if r["status"] in ("completed", "stopped early")}
+            saved = {t for t, s in _experiment_statuses(exp).items() if s == "TERMINATED"}
+            if done & saved:  # a trial finished and Tune's saved state knows it: kill the driver for real
+                finished = done & saved
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.5)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        log.close()
+    assert finished, f"no trial finished before the deadline:\n{(root / 'first.log').read_text()[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
+    starts_before = {d.name: len((d / "driver_starts.log").read_text().split()) for d in exp.glob("trial_*")
+                     if (d / "driver_starts.log").exists()}
+    second = subprocess.run([*GAN_RAY, *args], capture_output=True, text=True, cwd=ROOT, timeout=480)
+    time.sleep(1.0)
+    after = ray_cluster.available_resources().get("CPU", 0)
+    return {"exp": exp, "root": root, "finished": finished, "starts_before": starts_before, "second": second,
+            "cpu_before": before, "cpu_after": after}
+
+
+@pytest.mark.slow
+def test_asha_sweep_completes_stops_early_and_exports_the_best(asha_sweep):
+    second, exp = asha_sweep["second"], asha_sweep["exp"]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming sweep" in second.stdout
+    rows = _csv_rows(exp / "results.csv")
+    assert len(rows) == 4
+    assert all(r["status"] in ("completed", "stopped early") for r in rows), rows
+    assert any(r["status"] == "stopped early" and int(r["epochs"]) < 3 for r in rows), rows
+    assert any(r["status"] == "completed" and int(r["epochs"]) == 3 for r in rows), rows
+    best = min(rows, key=lambda r: float(r["best_fd"]))
+
+    import gan_ray
+
+    model_dir = asha_sweep["root"] / "model"
+    gen = gan_ray.load_generator(model_dir)
+    images = gen.generate(8, seed=0)
+    assert images.shape == (8, 1, 28, 28) and torch.isfinite(images).all()
+    info = json.loads((model_dir / "model.json").read_text())
+    assert info["sweep"]["trial_id"] == best["trial_id"]
+    assert info["sweep"]["best_fd"] == pytest.approx(float(best["best_fd"]), rel=1e-4)
+    assert info["metrics"]["fd"] == pytest.approx(float(best["best_fd"]), rel=1e-4)  # its best checkpoint
+    assert info["config"]["lr_g"] == pytest.approx(float(best["lr_g"]))
+    assert info["sweep"]["path"] == str(exp)
+    assert Path(best["best_checkpoint"]).is_dir()
+
+    assert (exp / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert glob.glob(str(exp / "trial_*" / "events.out.tfevents.*"))  # TensorBoard logs per trial
+    assert "best:" in second.stdout and "[tune]" in second.stdout
+    # every trial's worker placement group was given back (early-stopped ones included)
+    assert asha_sweep["cpu_after"] >= asha_sweep["cpu_before"] - 1e-6
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(asha_sweep):
+    exp, finished = asha_sweep["exp"], asha_sweep["finished"]
+    assert asha_sweep["second"].returncode == 0
+    starts = {d.name: len((d / "driver_starts.log").read_text().split()) for d in exp.glob("trial_*")}
+    for trial_id in finished:  # finished before the kill: never started again
+        name = f"trial_{trial_id}"
+        assert starts[name] == asha_sweep["starts_before"][name] == 1, starts
+    rows = {r["trial_id"]: r for r in _csv_rows(exp / "results.csv")}
+    assert set(rows) >= finished and len(rows) == 4
+    # the trial that was running when the driver died was restarted, and its Train run resumed (no epoch twice)
+    restarted = [n for n, k in starts.items() if k > 1]
+    for name in restarted:
+        epochs = [json.loads(line)["epoch"] for line in (exp / name / "train" / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == sorted(set(epochs)), epochs
+
+
+@pytest.mark.slow
+def test_pbt_exploit_copies_state_and_applies_mutated_learning_rates(ray_cluster, tmp_path):
+    from gan_ray.tune import run_sweep
+    from gan_ray.tune_space import SweepSettings
+
+    space = build_space({"lr_g": "1e-5:1e-3", "lr_d": "1e-5:1e-3", "latent_dim": "32", "batch_size": "32",
+                         "eval_samples": "128", "sample_every": "0"})
+    settings = SweepSettings(trials=2, epochs=5, scheduler="pbt", perturbation_interval=1, max_concurrent=2,
+                             storage=str(tmp_path), name="pbt", seed=1)
+    result = run_sweep(space, settings)
+    assert len(result.rows) == 2 and not result.interrupted
+    exploits = []
+    for trial_dir in result.path.glob("trial_*"):
+        lineage = trial_dir / "lineage.jsonl"
+        if lineage.exists():
+            exploits += [(trial_dir, json.loads(line)) for line in lineage.read_text().splitlines()
+                         if json.loads(line)["exploit"]]
+    assert exploits, "PBT never exploited"
+    checked = 0
+    for trial_dir, row in exploits:
+        assert row["from_trial"] != trial_dir.name
+        seed = torch.load(trial_dir / f"{row['run']}-seed" / "state.pt", weights_only=True)
+        # the donor's full state: its optimiser (with the donor's learning rate and Adam moments) and EMA
+        assert seed["opt_g"]["param_groups"][0]["lr"] == pytest.approx(row["from_lr_g"])
+        assert seed["opt_g"]["state"] and seed["opt_d"]["state"] and seed["G_ema"] is not None
+        assert (row["lr_g"], row["lr_d"]) != pytest.approx((row["from_lr_g"], row["from_lr_d"]))  # explored
+        metrics = trial_dir / row["run"] / "metrics.jsonl"
+        ckpts = sorted((trial_dir / row["run"]).glob("checkpoint_*/state.pt"))
+        if not ckpts:  # exploited at the very end: nothing left to train
+            continue
+        first_epoch = json.loads(metrics.read_text().splitlines()[0])["epoch"]
+        assert first_epoch == seed["epoch"] + 1  # trained on from the donor's epoch, not from scratch
+        for path in ckpts:
+            sd = torch.load(path, weights_only=True)
+            assert sd["epoch"] > seed["epoch"] and sd["step"] > seed["step"]
+            assert sd["opt_g"]["param_groups"][0]["lr"] == pytest.approx(row["lr_g"])  # the mutated rates
+            assert sd["opt_d"]["param_groups"][0]["lr"] == pytest.approx(row["lr_d"])
+        checked += 1
+    assert checked, "no exploiting trial trained after its exploit"
