@@ -57,7 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gan_ray.ray_train import fit
     from gan_ray.train_cli import report_result
 
+    from gan_ray.run_files import describe_dataset
+
     cfg = resolve_train_config(args)
+    describe_dataset(cfg)  # refuse bad data before preparing evaluation (which may train a feature extractor)
     result = fit(cfg, address=args.address, hooks=_train_hooks(cfg))
     return report_result(cfg, result)
 

@@ -180,7 +180,9 @@ def ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"configure_logging": True, "logging_level": "WARNING"} if not address else {}
+    # A local cluster is ours: keep its start-up quiet (its token-auth notice included) so the console shows
+    # the run's progress and errors, each on one line.
+    kwargs: dict[str, Any] = {"configure_logging": True, "logging_level": "ERROR"} if not address else {}
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
