@@ -309,9 +309,9 @@ def reference_for(dataset: str, *, data_dir: str = "~/.cache/gan-ray/data", imag
                   extractor=None, log=lambda msg: None) -> Reference:
     """The extractor (trained and cached on first use) and the embedded held-out set of a dataset."""
     from gan_ray.data import load_dataset
-    from gan_ray.features import extractor_for
+    from gan_ray.features import cache_root, extractor_for
 
-    key = (dataset, str(Path(data_dir).expanduser()), image_size, str(cache_dir), str(device),
+    key = (dataset, str(Path(data_dir).expanduser()), image_size, str(cache_root(cache_dir)), str(device),
            extractor.key if extractor is not None else None)
     if key in _REFERENCES:
         return _REFERENCES[key]

@@ -298,7 +298,7 @@ def test_evaluate_samples_json_and_table(cache, ref, tmp_path, train_images, cap
 
 # ------------------------------------------------------------------------------------------------ with Ray
 @pytest.mark.slow
-def test_training_reports_fd_and_export_takes_the_best(ray_cluster, cache, tmp_path):
+def test_training_reports_fd_and_export_takes_the_best(ray_cluster, cache, tmp_path, capsys):
     """A real (tiny) Ray Train run with the hook: every checkpoint carries fd, Ray keeps the best, and
     `gan-ray export --checkpoint RUN_DIR` exports the lowest-fd checkpoint."""
     from gan_ray.config import TrainConfig
@@ -324,6 +324,12 @@ def test_training_reports_fd_and_export_takes_the_best(ray_cluster, cache, tmp_p
     assert proc.returncode == 0, proc.stderr
     model = json.loads((tmp_path / "model" / "model.json").read_text())
     assert model["epoch"] == best_epoch and model["metrics"]["fd"] == pytest.approx(fd_by_epoch[best_epoch])
+    # the exported model scores the same as the hook did (same n, seed and generator)
+    from gan_ray.cli import main
+
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--n", "500", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["fd"] == pytest.approx(fd_by_epoch[best_epoch], rel=1e-4)
 
 
 def test_metric_modules_import_no_ray():
