@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback  # Train's documented workaround hook
 from ray.train.v2.api.callback import UserCallback
 
@@ -342,8 +343,24 @@ class ResumableASHA(ASHAScheduler):
         self._save()
 
 
-def make_scheduler(settings: SweepSettings, space: SearchSpace):
-    from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
+class WholePopulationPBT(PopulationBasedTraining):
+    """PBT that does not pause a healthy trial just because another one is pending, when the whole population
+    fits at once (async PBT yields its slot to pending trials; here the pending one already has a slot, and the
+    pause would only cost a Train restart)."""
+
+    def __init__(self, *, whole_population_fits: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.whole_population_fits = whole_population_fits
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if self.whole_population_fits and decision == TrialScheduler.PAUSE and trial.status != Trial.PAUSED:
+            return TrialScheduler.CONTINUE
+        return decision
+
+
+def make_scheduler(settings: SweepSettings, space: SearchSpace, concurrency: int):
+    from ray.tune.schedulers import FIFOScheduler
 
     if settings.scheduler == "asha":
         # stop_last_trials=False: a trial reaching --epochs ends by itself (Train shuts down cleanly) instead of
@@ -355,9 +372,10 @@ def make_scheduler(settings: SweepSettings, space: SearchSpace):
         mutable = {k: v for k, v in to_tune_space(space).items() if k in PBT_MUTABLE}
         if not mutable:
             raise UserError("--scheduler pbt mutates learning rates: search --lr-g and/or --lr-d (e.g. 1e-5:1e-3)")
-        return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=settings.perturbation_interval,
-                                       hyperparam_mutations=mutable, quantile_fraction=0.5, resample_probability=0.25,
-                                       synch=False)
+        return WholePopulationPBT(whole_population_fits=concurrency >= settings.trials, time_attr=TIME_ATTR,
+                                  perturbation_interval=settings.perturbation_interval,
+                                  hyperparam_mutations=mutable, quantile_fraction=0.5, resample_probability=0.25,
+                                  synch=False)
     return FIFOScheduler()
 
 
@@ -539,7 +557,7 @@ def collect_rows(experiment: Path, dims: list[str], max_epochs: int) -> list[Tri
     frames = analysis.trial_dataframes
     rows = []
     for trial in analysis.trials:
-        df = frames.get(trial.path)
+        df = frames.get(trial.trial_id, frames.get(trial.path))  # keyed by trial id in Ray 2.60
         history = df.to_dict("records") if df is not None and len(df) else []
         rows.append(row_from_trial(trial, dims, max_epochs, history))
     return rows
@@ -626,7 +644,7 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
             trainable,
             param_space=to_tune_space(space),
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=settings.trials,
-                                        scheduler=make_scheduler(settings, space), search_alg=make_searcher(settings, concurrency),
+                                        scheduler=make_scheduler(settings, space, concurrency), search_alg=make_searcher(settings, concurrency),
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=settings.name, storage_path=str(exp.parent), verbose=0, callbacks=[callback],
