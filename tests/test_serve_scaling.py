@@ -144,3 +144,36 @@ def test_killed_replica_is_replaced_and_clients_barely_notice(ray_cluster, serve
         assert requests.get(url + "/healthz", timeout=10).status_code == 200
     finally:
         serve.delete(app)
+
+
+def test_gan_ray_serve_runs_until_ctrl_c(serve_models, tmp_path):
+    """The user command end to end: its own Ray cluster, real HTTP, SIGINT, clean exit (and no Ray left)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_serve import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "gan_ray.cli", "serve", "--model",
+                             str(serve_models["conditional"]), "--port", str(port), "--max-replicas", "1",
+                             "--cpus-per-replica", "0.5"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        from gan_ray.serve_client import generate, wait_ready
+
+        wait_ready(url, timeout_s=240)
+        result = generate(url, n=4, labels=[1, 2, 3, 4], seed=3, format="npz")
+        assert result.arrays()[1].tolist() == [1, 2, 3, 4]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert f"serving {serve_models['conditional'].resolve()} at {url}" in out
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/healthz", timeout=5)
