@@ -55,24 +55,27 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
-def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
+def psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (negative round-off eigenvalues clipped to 0)."""
     w, v = np.linalg.eigh((cov + cov.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray, *,
+                     sqrt_cov2: np.ndarray | None = None) -> float:
     """||mu1 - mu2||^2 + tr(C1) + tr(C2) - 2 tr((C1 C2)^1/2), never NaN, complex or negative.
 
-    tr((C1 C2)^1/2) is computed as the sum of square roots of the eigenvalues of S C2 S with S = C1^1/2: that
+    tr((C1 C2)^1/2) is computed as the sum of square roots of the eigenvalues of S C1 S with S = C2^1/2: that
     matrix is symmetric positive semi-definite, so a symmetric eigensolver gives real eigenvalues (round-off
     negatives are clipped to 0). This avoids scipy.linalg.sqrtm's complex results and failures on singular
-    covariances (e.g. a generator that always draws the same image).
+    covariances (e.g. a generator that always draws the same image). `sqrt_cov2` (= `psd_sqrt(cov2)`) may be
+    passed when many sets are compared with one reference.
     """
     for a in (mu1, cov1, mu2, cov2):
         if not np.all(np.isfinite(a)):
             raise ValueError("Frechet distance of non-finite statistics")
-    s1 = _psd_sqrt(np.asarray(cov1, dtype=np.float64))
-    m = s1 @ np.asarray(cov2, dtype=np.float64) @ s1
+    s2 = psd_sqrt(np.asarray(cov2, dtype=np.float64)) if sqrt_cov2 is None else sqrt_cov2
+    m = s2 @ np.asarray(cov1, dtype=np.float64) @ s2
     eig = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
     diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
     value = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.sqrt(eig).sum()
@@ -232,8 +235,10 @@ def fd(ctx: EvalContext) -> dict[str, float | None]:
     values, floors = [], []
     for sp in ctx.splits:
         mu_ref, cov_ref = feature_stats(ctx.real.features[sp.ref])
-        values.append(frechet_distance(*feature_stats(ctx.gen.features[sp.gen]), mu_ref, cov_ref))
-        floors.append(frechet_distance(*feature_stats(ctx.real.features[sp.real]), mu_ref, cov_ref))
+        sqrt_ref = psd_sqrt(cov_ref)  # shared by the generated and the real comparison
+        values.append(frechet_distance(*feature_stats(ctx.gen.features[sp.gen]), mu_ref, cov_ref, sqrt_cov2=sqrt_ref))
+        floors.append(frechet_distance(*feature_stats(ctx.real.features[sp.real]), mu_ref, cov_ref,
+                                       sqrt_cov2=sqrt_ref))
     value, floor = float(np.mean(values)), float(np.mean(floors))
     return {"fd": value, "fd_floor": floor, "fd_ratio": value / max(floor, 1e-12)}
 
