@@ -102,9 +102,9 @@ def _serve_args(model: str, options: dict[str, Any]):
 
 # ------------------------------------------------------------------------------------------------- commands
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gan_ray.serve import check_model
+    from gan_ray.registry import load_generator
 
-    check_model(args.model)  # a missing or corrupt model fails here, before Ray or Serve start
+    load_generator(args.model)  # a missing or corrupt model fails here, before Ray or Serve are even imported
     sargs = _serve_args(args.model, serve_options(args))
     if args.build:
         import yaml

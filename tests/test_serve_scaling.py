@@ -160,20 +160,26 @@ def test_gan_ray_serve_runs_until_ctrl_c(serve_models, tmp_path):
                              str(serve_models["conditional"]), "--port", str(port), "--max-replicas", "1",
                              "--cpus-per-replica", "0.5"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{port}"
-        from gan_ray.serve_client import generate, wait_ready
+        from gan_ray.serve_client import generate
 
-        wait_ready(url, timeout_s=240)
+        wait_for(lambda: any(line.startswith("serving ") for line in lines) or proc.poll() is not None, 240,
+                 "the `serving ... at URL` line")
+        assert f"serving {serve_models['conditional'].resolve()} at {url}" in "".join(lines)
         result = generate(url, n=4, labels=[1, 2, 3, 4], seed=3, format="npz")
         assert result.arrays()[1].tolist() == [1, 2, 3, 4]
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        err = proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
     assert proc.returncode == 0, err[-2000:]
-    assert f"serving {serve_models['conditional'].resolve()} at {url}" in out
+    assert "shutting down" in err
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/healthz", timeout=5)
