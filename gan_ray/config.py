@@ -16,7 +16,8 @@ from gan_ray.errors import UserError
 
 ARCHS = ("mlp", "dcgan")
 LOSSES = ("bce", "hinge")
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
 BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 
 
@@ -50,10 +51,13 @@ class TrainConfig:
     batch_size: int = _opt("images per worker per step", default=64)
     epochs: int = _opt("total epochs (a resumed run stops at this total)", default=20)
     seed: int = _opt("seed for weights, data order and noise", default=0)
-    # speed (GPU fast paths; CPU runs the same math eagerly)
-    precision: str = _opt("matmul precision / autocast", default="fp32", choices=PRECISIONS)
-    cuda_graph: bool = _opt("capture the whole adversarial step in a CUDA graph (GPU only)", default=False)
-    compile: bool = _opt("torch.compile G and D", default=False)
+    # speed (GPU fast paths; CPU runs the same math eagerly). `auto` = the fastest path that stays correct on the
+    # worker's device (see gan_ray/fast_step.py): on CPU exactly the fp32 eager step.
+    precision: str = _opt("fp32 | tf32 (CUDA matmul/conv) | bf16 (autocast, fp32 weights) | auto (CPU: fp32; "
+                          "GPU: bf16 for dcgan, tf32 for mlp)", default="auto", choices=PRECISIONS)
+    cuda_graph: str = _opt("capture the whole adversarial step in one CUDA graph: on | off | auto (on with one GPU "
+                           "worker)", default="auto", choices=CUDA_GRAPH_MODES, const="on")
+    compile: bool = _opt("torch.compile G and D (start-up cost of a minute or more)", default=False)
     # Ray Train
     workers: int = _opt("data-parallel workers (Ray Train)", default=2)
     gpus_per_worker: float = _opt("GPUs per worker (0 = CPU training)", default=0.0)
@@ -80,6 +84,12 @@ class TrainConfig:
             raise UserError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.cuda_graph = _graph_mode(self.cuda_graph)
+        if self.cuda_graph == "on" and not self.gpus_per_worker:
+            raise UserError("--cuda-graph on needs GPU workers (--gpus-per-worker 1); CPU training runs eagerly")
+        if self.cuda_graph == "on" and self.workers > 1:
+            raise UserError("--cuda-graph on supports one worker only (DDP's all-reduce is not captured); use "
+                            "--workers 1 or --cuda-graph auto")
         for name in ("lr_g", "lr_d", "ema_halflife_kimg", "cpus_per_worker"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -113,6 +123,15 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown key(s) in {source}: {', '.join(unknown)}")
         return cls(**{k: coerce(k, v) for k, v in norm.items()})
+
+
+def _graph_mode(value: object) -> str:
+    """--cuda-graph as auto/on/off; true/false spellings (YAML booleans, older configs) are accepted."""
+    text = str(value).lower()
+    mode = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(text, text)
+    if mode not in CUDA_GRAPH_MODES:
+        raise UserError(f"unknown --cuda-graph {value!r}; choose one of {', '.join(CUDA_GRAPH_MODES)}")
+    return mode
 
 
 def _flag(name: str) -> str:

@@ -20,6 +20,8 @@ from gan_ray import checkpoint as ckpt_io
 from gan_ray.config import TrainConfig
 from gan_ray.data import load_dataset
 from gan_ray.errors import UserError
+from gan_ray.fast_step import FastPath, make_step_fn, prepare_module
+from gan_ray.fast_step import resolve_for as resolve_fast_path
 from gan_ray.images import grid_png, write_atomic
 from gan_ray.loop import run_epoch
 from gan_ray.models import ModelSpec, build
@@ -46,14 +48,16 @@ def fixed_noise(spec: ModelSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor 
 
 
 def build_state(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world_size: int,
-                wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> GANState:
-    """Models initialised identically on every rank (seeded), moved and wrapped by `wrap`, plus optimisers."""
+                wrap: Callable[[torch.nn.Module], torch.nn.Module], fast: FastPath | None = None) -> GANState:
+    """Models initialised identically on every rank (seeded), laid out for the fast path (channels_last), moved and
+    wrapped by `wrap`, plus optimisers (capturable Adam when the step is captured in a CUDA graph)."""
+    fast = fast or FastPath()
     torch.manual_seed(cfg.seed)
     G, D = build(spec)
-    G, D = wrap(G.to(device)), wrap(D.to(device))
+    G, D = (wrap(prepare_module(m.to(device), fast)) for m in (G, D))
     return make_state(spec, G, D, lr_g=cfg.lr_g, lr_d=cfg.lr_d, beta1=cfg.beta1, beta2=cfg.beta2, loss=cfg.loss,
                       d_steps=cfg.d_steps, ema=cfg.ema, ema_halflife_kimg=cfg.ema_halflife_kimg,
-                      world_size=world_size)
+                      world_size=world_size, capturable=fast.cuda_graph)
 
 
 def _all_reduce_epoch(res, world_size: int, device: torch.device) -> dict[str, float]:
@@ -114,8 +118,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         data = data.to(device)  # GPU-resident: batches are gathered on the device, no host copies per step
     spec = ModelSpec(cfg.arch, cfg.latent_dim, data.shape, data.num_classes if cfg.conditional else 0)
     ddp_kwargs = ddp_buffer_kwargs()
+    fast = resolve_fast_path(cfg, device, world)  # `auto` -> the fastest correct path on this device
     state = build_state(cfg, spec, device, world,
-                        lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs))
+                        lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs), fast)
 
     run_dir = cfg.run_dir
     start_epoch = 1
@@ -138,11 +143,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Marks the first epoch after a restore (resume, or recovery from a lost worker) in metrics.jsonl.
     restored_from = start_epoch - 1 if restored is not None else None
 
+    step_fn = make_step_fn(state, fast)  # after the restore: a CUDA graph captures the restored tensors
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.time()
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         res = run_epoch(state, data, epoch=epoch, rank=rank, world_size=world, batch_size=cfg.batch_size,
-                        seed=cfg.seed)
+                        seed=cfg.seed, step_fn=step_fn)
         metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "images_seen": state.images_seen,
                                    **_all_reduce_epoch(res, world, device)}
         if restored_from is not None and epoch == start_epoch:

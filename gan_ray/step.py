@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -85,17 +86,40 @@ def sample_labels(n: int, num_classes: int, *, device: torch.device | str = "cpu
     return torch.randint(0, num_classes, (n,), device=device, generator=generator)
 
 
-def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+@dataclass
+class StepNets:
+    """The callables one adversarial step runs through, so a fast path (torch.compile, autocast) reuses this math.
+
+    The update that trains a network calls it through its DDP wrapper (`G_train`, `D_train`: gradients are
+    all-reduced); the other network is called as the plain module (`G_plain`, `D_plain`: no DDP hooks, no sync).
+    `autocast` wraps the forward passes (a no-op in fp32); losses are always computed in fp32.
+    """
+
+    G_train: Callable[..., torch.Tensor]
+    G_plain: Callable[..., torch.Tensor]
+    D_train: Callable[..., torch.Tensor]
+    D_plain: Callable[..., torch.Tensor]
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @classmethod
+    def of(cls, state: "GANState") -> "StepNets":
+        return cls(state.G, unwrap(state.G), state.D, unwrap(state.D))
+
+
+def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
+             nets: StepNets | None = None) -> dict[str, torch.Tensor]:
     """One discriminator step: real and fake go through D in a single forward (one DDP all-reduce)."""
+    nets = nets or StepNets.of(state)
     d_loss_fn, _ = losses.get(state.loss)
     n = real.shape[0]
     z = sample_latent(n, state.spec.latent_dim, device=real.device)
     fake_labels = sample_labels(n, state.spec.num_classes, device=real.device) if labels is not None else None
-    with torch.no_grad():
-        fake = unwrap(state.G)(z, fake_labels)
-    both = torch.cat([real, fake])
-    both_labels = torch.cat([labels, fake_labels]) if labels is not None else None
-    logits = state.D(both, both_labels)
+    with nets.autocast():
+        with torch.no_grad():
+            fake = nets.G_plain(z, fake_labels).to(real.dtype)
+        both = torch.cat([real, fake])
+        both_labels = torch.cat([labels, fake_labels]) if labels is not None else None
+        logits = nets.D_train(both, both_labels).float()
     real_logits, fake_logits = logits[:n], logits[n:]
     loss_d = d_loss_fn(real_logits, fake_logits)
     state.opt_d.zero_grad(set_to_none=True)
@@ -105,14 +129,18 @@ def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None) -
             "d_fake": torch.sigmoid(fake_logits.detach()).mean()}
 
 
-def g_update(state: GANState, n: int, device: torch.device | str, conditional: bool) -> torch.Tensor:
+def g_update(state: GANState, n: int, device: torch.device | str, conditional: bool,
+             nets: StepNets | None = None) -> torch.Tensor:
     """One generator step through a frozen D (the plain module: no DDP hooks for D's parameters)."""
+    nets = nets or StepNets.of(state)
     _, g_loss_fn = losses.get(state.loss)
     z = sample_latent(n, state.spec.latent_dim, device=device)
     fake_labels = sample_labels(n, state.spec.num_classes, device=device) if conditional else None
     with frozen(unwrap(state.D)):
-        fake = state.G(z, fake_labels)
-        loss_g = g_loss_fn(unwrap(state.D)(fake, fake_labels))
+        with nets.autocast():
+            fake = nets.G_train(z, fake_labels)
+            logits = nets.D_plain(fake, fake_labels).float()
+        loss_g = g_loss_fn(logits)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     state.opt_g.step()
@@ -131,15 +159,21 @@ def ema_beta(state: GANState, batch_images: int) -> float:
 def update_ema(state: GANState, batch_images: int) -> None:
     if state.G_ema is None:
         return
-    beta = ema_beta(state, batch_images)
+    ema_lerp(state, 1.0 - ema_beta(state, batch_images))
+
+
+@torch.no_grad()
+def ema_lerp(state: GANState, weight: float | torch.Tensor) -> None:
+    """G_ema += weight * (G - G_ema). `weight` may be a device scalar (a CUDA graph replays it with new values)."""
     src = unwrap(state.G)
     for p_ema, p in zip(state.G_ema.parameters(), src.parameters()):
-        p_ema.lerp_(p.detach(), 1.0 - beta)
+        p_ema.lerp_(p.detach(), weight)
     for b_ema, b in zip(state.G_ema.buffers(), src.buffers()):
         b_ema.copy_(b)
 
 
-def train_step(state: GANState, real: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def train_step(state: GANState, real: torch.Tensor, labels: torch.Tensor | None = None,
+               nets: StepNets | None = None) -> dict[str, torch.Tensor]:
     """One D update, plus a G update (and EMA update) every `d_steps` calls. Returns detached scalar tensors.
 
     `labels` must be given for a conditional model and None otherwise. Metrics stay on the device: callers
@@ -148,11 +182,11 @@ def train_step(state: GANState, real: torch.Tensor, labels: torch.Tensor | None 
     conditional = state.spec.conditional
     if conditional and labels is None:
         raise ValueError("conditional model needs labels")
-    out = d_update(state, real, labels if conditional else None)
+    out = d_update(state, real, labels if conditional else None, nets)
     state.step += 1
     n = real.shape[0]
     state.images_seen += n * state.world_size
     if state.step % state.d_steps == 0:
-        out["loss_g"] = g_update(state, n, real.device, conditional)
+        out["loss_g"] = g_update(state, n, real.device, conditional, nets)
         update_ema(state, n * state.world_size * state.d_steps)
     return out
