@@ -130,7 +130,8 @@ def _check_known_shape(dataset: str, shape: tuple[int, ...]) -> None:
 
 
 def _inception(args: argparse.Namespace, result: dict) -> float:
-    from gan_ray.data import load_dataset
+    """The optional Inception-v3 FID on the same images (regenerated from the same seed) vs the held-out split."""
+    from gan_ray.data import load_dataset, to_float
     from gan_ray.metrics import inception_fd
 
     if args.samples is not None:
@@ -141,8 +142,6 @@ def _inception(args: argparse.Namespace, result: dict) -> float:
         images = open_generator(checkpoint=args.checkpoint, model=args.model).generate(args.n, seed=args.seed)
     real = load_dataset(result["dataset"], "heldout", data_dir=args.data_dir or "~/.cache/gan-ray/data",
                         image_size=int(images.shape[-1]))
-    from gan_ray.data import to_float
-
     return inception_fd(images, to_float(real.images), args.inception_weights)
 
 
