@@ -18,5 +18,6 @@ def report_result(cfg: TrainConfig, result) -> int:
     print(f"  samples:     {run_dir / 'samples'}")
     print(f"  checkpoint:  {ckpt if ckpt else '(none)'}")
     if ckpt:
-        print(f"export it:     gan-ray export --checkpoint {ckpt} --out {Path('models') / cfg.name}")
+        print(f"export it:     gan-ray export --checkpoint {run_dir} --out {Path('models') / cfg.name}"
+              "   (a run directory: its best checkpoint by fd)")
     return 0
