@@ -182,7 +182,7 @@ def asha_sweep(ray_cluster, tmp_path_factory):
     log = open(root / "first.log", "w")
     proc = subprocess.Popen([*GAN_RAY, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     finished: set[str] = set()
-    deadline = time.time() + 420
+    deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
             done = {r["trial_id"] for r in _csv_rows(exp / "results.csv") if r["status"] in ("completed", "stopped early")}
@@ -201,7 +201,7 @@ def asha_sweep(ray_cluster, tmp_path_factory):
     assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
     starts_before = {d.name: len((d / "driver_starts.log").read_text().split()) for d in exp.glob("trial_*")
                      if (d / "driver_starts.log").exists()}
-    second = subprocess.run([*GAN_RAY, *args], capture_output=True, text=True, cwd=ROOT, timeout=480)
+    second = subprocess.run([*GAN_RAY, *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
     time.sleep(1.0)
     after = ray_cluster.available_resources().get("CPU", 0)
     return {"exp": exp, "root": root, "finished": finished, "starts_before": starts_before, "second": second,
@@ -209,6 +209,7 @@ def asha_sweep(ray_cluster, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the shared fixture runs the sweep twice; a few minutes on 2 idle cores
 def test_asha_sweep_completes_stops_early_and_exports_the_best(asha_sweep):
     second, exp = asha_sweep["second"], asha_sweep["exp"]
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -242,6 +243,7 @@ def test_asha_sweep_completes_stops_early_and_exports_the_best(asha_sweep):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(asha_sweep):
     exp, finished = asha_sweep["exp"], asha_sweep["finished"]
     assert asha_sweep["second"].returncode == 0
@@ -297,3 +299,20 @@ def test_pbt_exploit_copies_state_and_applies_mutated_learning_rates(ray_cluster
             assert sd["opt_d"]["param_groups"][0]["lr"] == pytest.approx(row["lr_d"])
         checked += 1
     assert checked, "no exploiting trial trained after its exploit"
+
+
+def test_optuna_search_is_optional():
+    from gan_ray.tune_space import SweepSettings
+
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="optuna package"):
+            SweepSettings(search="optuna").validate()
+        return
+    from ray.tune.search import ConcurrencyLimiter
+
+    from gan_ray.tune import make_searcher
+
+    searcher = make_searcher(SweepSettings(search="optuna").validate(), 2)
+    assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 2
