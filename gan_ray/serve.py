@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from ray import serve
 
 from gan_ray.errors import UserError
-from gan_ray.registry import MODEL_JSON, Generator, latent_for_seed, load_generator
+from gan_ray.registry import Generator, latent_for_seed, load_generator
 
 log = logging.getLogger("ray.serve")
 

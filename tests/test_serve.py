@@ -1,12 +1,21 @@
 """Ray Serve application (issue 5): every endpoint and format over real HTTP to a real Serve deployment."""
 from __future__ import annotations
 
-import time
+import base64
+import io
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pytest
+import requests
 import torch
 
 from gan_ray.config import TrainConfig
+from tests.conftest import run_cli
 
 
 def train_model_dir(root: Path, *, conditional: bool, steps: int = 400, seed: int = 0) -> Path:
@@ -37,19 +46,6 @@ def train_model_dir(root: Path, *, conditional: bool, steps: int = 400, seed: in
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
-import base64  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import requests  # noqa: E402
-
-from tests.conftest import run_cli  # noqa: E402
-
 pytestmark = pytest.mark.slow
 
 COND_STEPS = 200  # a real (if young) conditional GAN: enough to test the plumbing, seconds to train
