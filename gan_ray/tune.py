@@ -648,7 +648,9 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=settings.name, storage_path=str(exp.parent), verbose=0, callbacks=[callback],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if settings.scheduler == "pbt" else None),
+                # Tune keeps every checkpoint PBT handed it: each is registered twice (at the report, and when PBT
+                # saves a strong trial), and pruning by count deleted ones a pending exploit still pointed to.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 failure_config=tune.FailureConfig(max_failures=1)),
         )
     t0 = time.time()
