@@ -36,8 +36,10 @@ def add_train_flags(p: argparse.ArgumentParser, *, exclude: Sequence[str] = (), 
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             choices = None if as_strings else f.metadata.get("choices")
+            const = None if as_strings else f.metadata.get("const")
+            extra = {"nargs": "?", "const": const} if const is not None else {}
             p.add_argument(flag, type=str if as_strings else types[f.name], choices=choices,
-                           default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+                           default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper(), **extra)
 
 
 def given_train_values(args: argparse.Namespace) -> dict[str, Any]:
