@@ -16,9 +16,9 @@ from gan_ray.config import TrainConfig
 # where the seed's unconditional setup collapses onto a few.
 DEMO_CONFIG = dict(dataset="digits", arch="mlp", conditional=True, loss="bce", epochs=80, batch_size=32,
                    checkpoint_every=20, sample_every=5, ema_halflife_kimg=2.0, eval_samples=500)
-# The short sweep: 4 trials of 4 epochs, ASHA stopping the weak ones after 1 epoch.
+# The short sweep: 4 trials of 3 epochs, ASHA stopping the weak ones after 1 epoch.
 SWEEP_SPACE = {"lr_g": "1e-4:6e-4", "lr_d": "1e-4:6e-4", "latent_dim": "64,100"}
-SWEEP_TRIALS, SWEEP_EPOCHS = 4, 4
+SWEEP_TRIALS, SWEEP_EPOCHS = 4, 3
 
 
 def _free_port(preferred: int = 8000) -> int:
