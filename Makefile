@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-fast bench venv clean
+.PHONY: demo test test-fast bench venv clean cluster-up cluster-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs demo .pytest_cache
+
+# A real multi-node Ray cluster on this machine (head + worker node), for `gan-ray submit` against it.
+cluster-up: $(STAMP)
+	cluster/local.sh up
+
+cluster-down:
+	cluster/local.sh down
