@@ -50,7 +50,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="also compute a real FID with torchvision Inception-v3 weights from this file "
-                        "(.safetensors or tensors-only .pt; see the README, "Optional: a real FID")")
+                        "(.safetensors or tensors-only .pt; see the README section on a real FID)")
     p.set_defaults(func=cmd_evaluate)
 
 
