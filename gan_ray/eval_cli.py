@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from gan_ray.cli import positive_int
 from gan_ray.errors import UserError
 
 # What each number means, for the table.
@@ -23,16 +24,6 @@ READINGS = {
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="score a generator against the dataset's held-out images "
                                                "(Frechet distance, precision/recall, classifier score, ...)")
@@ -45,7 +36,7 @@ def add_commands(subparsers) -> None:
                                                    "digits for --samples)")
     p.add_argument("--data-dir", default=None, help="where downloadable datasets live (default: the run's, "
                                                     "else ~/.cache/gan-ray/data)")
-    p.add_argument("--n", type=_positive_int, default=2000, help="images to generate and score (default: 2000)")
+    p.add_argument("--n", type=positive_int, default=2000, help="images to generate and score (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="noise and split seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--inception-weights", default=None, metavar="FILE",
