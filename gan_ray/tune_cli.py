@@ -48,24 +48,23 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_tune)
 
 
-def _int(flag: str):
-    def parse(text: str) -> int:
+def _typed(kind: type, what: str, flag: str):
+    """An argparse type converting to `kind`, named after its flag so usage errors say which one failed."""
+    def parse(text: str):
         try:
-            return int(text)
+            return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     parse.__name__ = flag
     return parse
+
+
+def _int(flag: str):
+    return _typed(int, "an integer", flag)
 
 
 def _float(flag: str):
-    def parse(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    parse.__name__ = flag
-    return parse
+    return _typed(float, "a number", flag)
 
 
 def settings_from_args(args: argparse.Namespace):
