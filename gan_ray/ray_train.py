@@ -179,13 +179,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ driver
-def ensure_ray(address: str | None) -> None:
-    """Join `address` (or RAY_ADDRESS) if given, else start a local cluster; quietly."""
+def ensure_ray(address: str | None, ingress: str | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a local cluster, quietly, whose Serve uses the
+    `ingress` front door (gan_ray.serve_ingress; it must be chosen before the cluster's processes start)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        from gan_ray.serve_ingress import apply_to_local_cluster
+
+        apply_to_local_cluster(ingress)
     # A local cluster is ours: keep its start-up quiet (its token-auth notice included) so the console shows
     # the run's progress and errors, each on one line.
     kwargs: dict[str, Any] = {"configure_logging": True, "logging_level": "ERROR"} if not address else {}

@@ -490,11 +490,13 @@ def http_url(host: str | None = None) -> str:
 
 
 def start_serving(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-                  name: str = APP_NAME, route_prefix: str = "/", wait_s: float = 120.0, **options: Any) -> str:
+                  name: str = APP_NAME, route_prefix: str = "/", wait_s: float = 120.0, ingress: str | None = None,
+                  **options: Any) -> str:
     """Deploy the app (starting or joining Ray and Serve) and return its base URL once /healthz answers.
 
-    `options` are ServeArgs fields (min_replicas=..., target_ongoing=...). Model errors raise UserError before
-    Ray is touched."""
+    `options` are ServeArgs fields (min_replicas=..., target_ongoing=...). `ingress` (haproxy | proxy, see
+    gan_ray.serve_ingress) applies when this call starts the Ray cluster. Model errors raise UserError before Ray
+    is touched."""
     import ray
 
     from gan_ray.ray_train import ensure_ray
@@ -502,7 +504,7 @@ def start_serving(model_dir: str | Path, *, host: str = "127.0.0.1", port: int =
     args = ServeArgs(model=str(model_dir), **options)
     check_model(args.model)
     started_ray = not ray.is_initialized()
-    ensure_ray(address)
+    ensure_ray(address, ingress=ingress)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix)
     url = http_url() + route_prefix.rstrip("/")

