@@ -300,6 +300,19 @@ def test_every_container_is_non_root_bounded_and_unprivileged():
     assert count >= 8
 
 
+def test_every_ray_node_serves_through_haproxy():
+    """Serve reads RAY_SERVE_ENABLE_HA_PROXY when Ray starts on a node, so every Ray container must carry it."""
+    count = 0
+    for f, group, pod in pod_templates():
+        if group == "submitter":  # runs `ray job submit`, not a Ray node
+            continue
+        for c in pod["containers"]:
+            count += 1
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", (f, group, c["name"])
+    assert count >= 8  # head and GPU workers of the RayCluster, both RayJobs and the RayService
+
+
 def test_shared_storage_is_read_write_many_and_mounted_everywhere():
     (_, pvc), = of_kind("PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
