@@ -6,6 +6,7 @@ demo/grid.png -> shut down.
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -50,6 +51,16 @@ def _sweep(out: Path, address: str | None) -> dict:
     return best
 
 
+def _serve_logs() -> str | None:
+    """The running Ray session's Serve log directory (where the controller and replicas wrote)."""
+    try:
+        import ray
+
+        return str(Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve")
+    except Exception:  # a joined remote cluster: its logs are on its own nodes
+        return None
+
+
 def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2) -> int:
     from gan_ray.ray_train import fit
     from gan_ray.registry import export, load_generator
@@ -61,12 +72,17 @@ def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2
 
     t0 = time.time()
     out = Path(out_dir).resolve()
+    # Serve's actors log every HAProxy reload and replica change at INFO on stderr, which Ray forwards here and
+    # which would bury the demo's own lines; they still go to the session's log files (printed at the end).
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     print(f"[demo] 1/4 sweep: {SWEEP_TRIALS} Ray Tune trials of up to {SWEEP_EPOCHS} epochs over {SWEEP_SPACE}")
     best = _sweep(out, address)
+    t_sweep = time.time()
     cfg = TrainConfig(**{**DEMO_CONFIG, **best}, workers=workers, storage=str(out / "runs"), name="digits").validate()
     print(f"[demo] 2/4 train: {cfg.arch} (conditional) on {cfg.dataset} with {workers} Ray Train workers for "
           f"{cfg.epochs} epochs, lr_g={cfg.lr_g:.2e} lr_d={cfg.lr_d:.2e} latent_dim={cfg.latent_dim}")
     fit(cfg, address=address, hooks=hooks_for(cfg))
+    t_train = time.time()
     model_dir = export(best_checkpoint(cfg.run_dir), out / "model")
     images, labels = load_generator(model_dir).generate_with_labels(100, None, seed=0)
     save_samples(out / "samples.png", images, labels)
@@ -76,12 +92,17 @@ def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2
         print(f"[demo] 4/4 query: POST {url}/v1/generate (100 digits, one column per class)")
         result = generate(url, n=100, labels=[i % 10 for i in range(100)], seed=0, format="png")
         grid = save(result, out / "grid.png")
+        logs = _serve_logs()
     finally:
         stop_serving()
-    print(f"[demo] done in {time.time() - t0:.0f}s")
+    t_end = time.time()
+    print(f"[demo] done in {t_end - t0:.0f}s (sweep {t_sweep - t0:.0f}s, train {t_train - t_sweep:.0f}s, "
+          f"export + serve + query {t_end - t_train:.0f}s)")
     print(f"  sweep (results.csv, sweep.png):                      {out / 'runs' / 'sweep'}")
     print(f"  run (metrics, sample grids per epoch, checkpoints): {cfg.run_dir}")
     print(f"  exported model:                                      {model_dir}")
     print(f"  samples (one column per digit):                      {out / 'samples.png'}")
     print(f"  served over HTTP:                                    {grid}")
+    if logs:
+        print(f"  Ray Serve logs:                                      {logs}")
     return 0
