@@ -655,6 +655,10 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
         )
     t0 = time.time()
     grid = tuner.fit()
+    # The callback releases stopped trials' groups at most once a second while the sweep runs; a trial stopped in
+    # its last second would keep its CPUs after the sweep (the demo's training then waited for them forever).
+    for trial_dir in exp.glob(TRIAL_DIR.format(trial_id="*")):
+        release_placement_groups(trial_dir, keep_latest_run=False)
     rows = collect_rows(exp, dims, settings.epochs)
     interrupted = grid.num_terminated + grid.num_errors < settings.trials
     write_results_csv(rows, dims, exp / RESULTS_CSV)
