@@ -27,11 +27,12 @@ from typing import Any, Callable
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback  # Train's documented workaround hook
 from ray.train.v2.api.callback import UserCallback
 
 from gan_ray.config import TrainConfig
 from gan_ray.errors import UserError
+from gan_ray.tune_placement import (PG_FILE, PlacementGroupRecorder, SweepGroups, recorded_groups,
+                                    release_placement_groups, run_index)
 from gan_ray.tune_space import DRIVER_CPU, Choice, Range, SearchSpace, SweepSettings, space_to_json
 
 METRIC, MODE = "fd", "min"
@@ -43,7 +44,6 @@ PLOT_FILE = "sweep.png"
 LINEAGE_FILE = "lineage.jsonl"  # per trial: each Train run it started, and whose state it was seeded from
 ASHA_STATE = "asha_rungs.json"  # ASHA's rung records, so a resumed sweep keeps comparing against them
 TRIAL_DIR = "trial_{trial_id}"
-PG_FILE = "placement_groups.txt"  # per Train run: the worker placement groups it created (hex ids)
 
 
 @dataclass
@@ -147,57 +147,11 @@ class CheckpointBridge(UserCallback):
         pass
 
 
-class PlacementGroupRecorder(WorkerGroupCallback):
-    """Writes the id of each worker placement group a Train run creates into the run directory.
-
-    Ray scopes a placement group to the job, not to the actor that made it: when Tune stops a trial (ASHA's early
-    stop, PBT's pause) its Train controller dies with it and the workers' placement group would stay reserved until
-    the sweep ends, so the next trials wait forever for CPUs. Train's own PlacementGroupCleaner covers this only
-    where its state-API lookup works (it fails when several Ray clusters run on one machine); `ReleaseStoppedTrials`
-    (driver side) removes the recorded groups of every trial that is no longer running."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def after_worker_group_start(self, worker_group) -> None:
-        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        with open(self.path, "a") as f:
-            f.write(pg.id.hex() + "\n")
-
-
-def release_placement_groups(trial_dir: Path, keep_latest_run: bool) -> int:
-    """Remove the still-existing worker placement groups recorded under a trial (all of them, or all but those of
-    its newest Train run). Returns how many were removed."""
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
-    from ray._raylet import PlacementGroupID
-
-    files = sorted(trial_dir.glob(f"train*/{PG_FILE}"), key=lambda p: _run_index(p.parent.name))
-    if keep_latest_run and files:
-        files = files[:-1]
-    removed = 0
-    for f in files:
-        for line in f.read_text().split():
-            pg = PlacementGroup(PlacementGroupID.from_hex(line))
-            try:
-                if placement_group_table(pg).get("state") in ("PENDING", "CREATED", "RESCHEDULING"):
-                    remove_placement_group(pg)
-                    removed += 1
-            except Exception:  # already gone, or the GCS forgot it: nothing is held
-                pass
-    return removed
-
-
-def _run_index(name: str) -> int:
-    """train -> 0, train-3 -> 3: the order in which a trial started its Train runs."""
-    return int(name.split("-")[1]) if "-" in name else 0
-
-
 def _next_run_name(trial_dir: Path, seeded: bool) -> str:
     """`train` for a trial's first Train run; a fresh `train-N` each time it is seeded from a checkpoint (a Train
     run reusing a name would resume its own latest checkpoint instead of the seed)."""
     runs = sorted((p for p in trial_dir.glob("train*") if p.is_dir() and not p.name.endswith("-seed")),
-                  key=lambda p: _run_index(p.name))
+                  key=lambda p: run_index(p.name))
     if not seeded:
         return runs[-1].name if runs else "train"  # a restarted trial resumes its latest Train run
     return f"train-{len(runs)}"
@@ -519,6 +473,13 @@ def _progress_callback_class():
             self.dims, self.max_epochs, self.csv_path = dims, max_epochs, csv_path
             self._last_status: dict[str, str] = {}
             self._last_release = 0.0
+            self._groups: SweepGroups | None = None
+
+        def __getstate__(self) -> dict:  # pickled with the sweep's state: the groups belong to one driver job
+            return {**self.__dict__, "_groups": None, "_last_status": {}}
+
+        def setup(self, **info) -> None:  # each (re)start of the sweep, in the driver's job
+            self._groups = SweepGroups([{"CPU": DRIVER_CPU}])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if METRIC in result:
@@ -530,9 +491,7 @@ def _progress_callback_class():
             now = time.monotonic()
             if now - self._last_release >= 1.0:
                 self._last_release = now
-                for t in trials:
-                    if t.path and t.status != "PENDING" and Path(t.path).is_dir():
-                        release_placement_groups(Path(t.path), keep_latest_run=t.status == "RUNNING")
+                self._release(trials)
             statuses = {t.trial_id: t.status for t in trials}
             if statuses == self._last_status:
                 return
@@ -545,6 +504,16 @@ def _progress_callback_class():
                   flush=True)
             print(format_table(rows, self.dims, self.max_epochs), flush=True)
             write_results_csv(rows, self.dims, Path(self.csv_path))
+
+        def _release(self, trials) -> None:
+            accounted: set[str] = set()
+            for t in trials:
+                if t.path and t.status != "PENDING" and Path(t.path).is_dir():
+                    release_placement_groups(Path(t.path), keep_latest_run=t.status == "RUNNING")
+                    if t.status == "RUNNING":
+                        accounted.update(recorded_groups(Path(t.path), keep_latest_run=False))
+            if self._groups is not None:
+                self._groups.remove_orphans(accounted)
 
     return SweepProgress
 
@@ -654,11 +623,11 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
                 failure_config=tune.FailureConfig(max_failures=1)),
         )
     t0 = time.time()
+    groups = SweepGroups([{"CPU": DRIVER_CPU}])
     grid = tuner.fit()
-    # The callback releases stopped trials' groups at most once a second while the sweep runs; a trial stopped in
-    # its last second would keep its CPUs after the sweep (the demo's training then waited for them forever).
-    for trial_dir in exp.glob(TRIAL_DIR.format(trial_id="*")):
-        release_placement_groups(trial_dir, keep_latest_run=False)
+    # Groups of trials stopped in the sweep's last second (the callback runs about once a second), or never recorded
+    # (tune_placement): without this the CPUs stay reserved, and the demo's training waited for them forever.
+    groups.remove_all()
     rows = collect_rows(exp, dims, settings.epochs)
     interrupted = grid.num_terminated + grid.num_errors < settings.trials
     write_results_csv(rows, dims, exp / RESULTS_CSV)

@@ -316,3 +316,30 @@ def test_optuna_search_is_optional():
 
     searcher = make_searcher(SweepSettings(search="optuna").validate(), 2)
     assert isinstance(searcher, ConcurrencyLimiter) and searcher.max_concurrent == 2
+
+
+def test_sweep_groups_remove_only_the_sweeps_unaccounted_groups(ray_cluster):
+    """The leak guard of tune_placement on real placement groups: groups that existed before the sweep, Tune's
+    own trial groups and recorded running ones are kept; an unaccounted one goes once it is old enough; all the
+    sweep's groups go at its end."""
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from gan_ray.tune_placement import ORPHAN_AFTER_S, SweepGroups
+
+    def state(pg) -> str:
+        return placement_group_table(pg)["state"]
+
+    older = placement_group([{"CPU": 0.05}])
+    groups = SweepGroups([{"CPU": 0.01}])
+    trial_pg, running, orphan = (placement_group([{"CPU": c}]) for c in (0.01, 0.02, 0.03))
+    for pg in (older, trial_pg, running, orphan):
+        assert pg.wait(30)
+    accounted = {running.id.hex()}
+    assert groups.remove_orphans(accounted, now=0.0) == 0  # first sight: maybe a start in progress
+    assert groups.remove_orphans(accounted, now=ORPHAN_AFTER_S - 1) == 0
+    assert groups.remove_orphans(accounted, now=ORPHAN_AFTER_S) == 1
+    assert state(orphan) == "REMOVED"
+    assert [state(pg) for pg in (older, trial_pg, running)] == ["CREATED"] * 3
+    assert groups.remove_all() == 2  # the trial's and the running one: the sweep is over
+    assert state(older) == "CREATED"
+    remove_placement_group(older)
