@@ -7,7 +7,6 @@ demo/grid.png -> shut down.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -20,16 +19,6 @@ DEMO_CONFIG = dict(dataset="digits", arch="mlp", conditional=True, loss="bce", e
 # The short sweep: 4 trials of 3 epochs, ASHA stopping the weak ones after 1 epoch.
 SWEEP_SPACE = {"lr_g": "1e-4:6e-4", "lr_d": "1e-4:6e-4", "latent_dim": "64,100"}
 SWEEP_TRIALS, SWEEP_EPOCHS = 4, 3
-
-
-def _free_port(preferred: int = 8000) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
 
 def _sweep(out: Path, address: str | None) -> dict:
@@ -66,6 +55,7 @@ def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2
     from gan_ray.registry import export, load_generator
     from gan_ray.run_select import best_checkpoint
     from gan_ray.serve import start_serving, stop_serving
+    from gan_ray.serve_ingress import port_or_free
     from gan_ray.serve_client import generate, save
     from gan_ray.train_eval import hooks_for
     from gan_ray.images import save_samples
@@ -87,7 +77,7 @@ def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2
     images, labels = load_generator(model_dir).generate_with_labels(100, None, seed=0)
     save_samples(out / "samples.png", images, labels)
     print(f"[demo] 3/4 serve: {model_dir} on Ray Serve")
-    url = start_serving(model_dir, port=_free_port(), address=address, max_replicas=1)
+    url = start_serving(model_dir, port=port_or_free(8000, "127.0.0.1"), address=address, max_replicas=1)
     try:
         print(f"[demo] 4/4 query: POST {url}/v1/generate (100 digits, one column per class)")
         result = generate(url, n=100, labels=[i % 10 for i in range(100)], seed=0, format="png")

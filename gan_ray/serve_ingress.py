@@ -46,13 +46,14 @@ def haproxy_binary() -> str | None:
         return None
 
 
-def _port(preferred: int) -> int:
+def port_or_free(preferred: int, host: str = "0.0.0.0") -> int:
+    """`preferred` if nothing listens there on `host`, else a free port the OS picks."""
     with socket.socket() as s:
         try:
-            s.bind(("0.0.0.0", preferred))
+            s.bind((host, preferred))
             return preferred
         except OSError:
-            s.bind(("0.0.0.0", 0))
+            s.bind((host, 0))
             return s.getsockname()[1]
 
 
@@ -68,7 +69,7 @@ def ingress_env(mode: str) -> dict[str, str]:
     picked = set(os.environ.get(PICKED_ENV, "").split(","))
     ours = [key for key in PORT_DEFAULTS if key in picked or not os.environ.get(key)]
     env.update({key: os.environ[key] for key in PORT_DEFAULTS if key not in ours})
-    env.update({key: str(_port(PORT_DEFAULTS[key])) for key in ours})
+    env.update({key: str(port_or_free(PORT_DEFAULTS[key])) for key in ours})
     env[PICKED_ENV] = ",".join(ours)
     return env
 
