@@ -309,6 +309,11 @@ def run_bench(args: argparse.Namespace) -> int:
             else f"CPU x{args.threads} threads")
     plain: dict[int, list[float]] = {}
     graph: dict[int, list[float]] = {}
+    from gan_ray.ray_train import ensure_ray
+
+    # Ray first: its daemons (GCS, raylet, dashboard) share these cores with whichever loop is being timed, so both
+    # are measured beside them and the ratio is the cost of running inside a Train worker, not of Ray existing.
+    ensure_ray(args.address)
     for b in sizes:
         plain[b] = plain_loop(args.arch, b, args.steps, args.repeats, args.device, args.image_size)
     inside = ray_worker_rates(args, sizes)
