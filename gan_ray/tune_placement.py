@@ -20,7 +20,9 @@ from pathlib import Path
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback  # Train's documented workaround hook
 
 PG_FILE = "placement_groups.txt"  # per Train run: the worker placement groups it created (hex ids)
-LIVE_STATES = ("PENDING", "CREATED", "RESCHEDULING")
+# Every state but REMOVED holds (or waits for) resources. PREPARED is the middle of the GCS's two-phase commit: a
+# group seen there in the "before" snapshot and CREATED a moment later was once mistaken for one of the sweep's own.
+LIVE_STATES = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")
 # Train gives up on a worker group that has not started within 60 s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) and
 # removes its group; an unaccounted group older than this is an orphan, not a start in progress.
 ORPHAN_AFTER_S = 120.0
