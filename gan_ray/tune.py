@@ -163,9 +163,11 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], scheduler: str,
 
     from gan_ray.ray_train import prepare_run_dir, trainer_for
 
-    # The trial's directory in the sweep's storage (Tune's get_trial_dir() is a local staging copy that is synced
-    # there later): Train writes its checkpoints straight into the sweep.
-    trial_dir = Path(experiment) / TRIAL_DIR.format(trial_id=tune.get_context().get_trial_id())
+    # The trial's directory in the sweep's storage, where Train writes its checkpoints straight away (get_trial_dir()
+    # itself is a local staging copy that is synced there later). Its name is Tune's: usually TRIAL_DIR, but Tune
+    # adds a suffix when a sweep killed just after creating the trial left that directory behind, and the
+    # placement-group accounting (SweepProgress._release) reads the trial's files under Tune's path.
+    trial_dir = Path(experiment) / Path(tune.get_context().get_trial_dir()).name
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / "driver_starts.log", "a") as f:  # one line per (re)start: resume tests count them
         f.write(f"{time.time():.3f}\n")
