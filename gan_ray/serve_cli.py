@@ -229,11 +229,12 @@ def run_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         proc.wait(timeout=30)
 
     from gan_ray.serve import start_serving, stop_serving
+    from gan_ray.serve_ingress import mode_from_env
 
     url = start_serving(args.model, port=args.port or _free_port(), address=args.address, ingress=args.ingress,
                         min_replicas=args.replicas, max_replicas=args.replicas)
     ingress = "the cluster's own" if args.address or os.environ.get("RAY_ADDRESS") else \
-        ("HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve proxy")
+        ("HAProxy" if mode_from_env() == "haproxy" else "Serve proxy")
     try:
         print(f"[bench-serve] Ray Serve ({args.replicas} replica(s), batched, {ingress} ingress) at {url}",
               file=sys.stderr, flush=True)

@@ -74,13 +74,17 @@ def ingress_env(mode: str) -> dict[str, str]:
     return env
 
 
+def mode_from_env() -> str | None:
+    """The mode Serve's own flag in this environment selects (set by the user, or by `apply_to_local_cluster`);
+    None when it is unset."""
+    return {"1": "haproxy", "0": "proxy"}.get(os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", ""))
+
+
 def apply_to_local_cluster(mode: str | None = None) -> str:
     """Set the flags for `mode` in this process's environment, which the local cluster started next inherits;
     return the mode in effect. Default: RAY_SERVE_ENABLE_HA_PROXY if the user set it, else $GAN_RAY_SERVE_INGRESS,
     else haproxy where its binary exists (Serve's proxy otherwise)."""
-    if mode is None and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") in ("0", "1"):
-        mode = "haproxy" if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" else "proxy"
-    mode = mode or os.environ.get(MODE_ENV) or "haproxy"
+    mode = mode or mode_from_env() or os.environ.get(MODE_ENV) or "haproxy"
     if mode == "haproxy" and not haproxy_binary():
         mode = "proxy"
     os.environ.update(ingress_env(mode))

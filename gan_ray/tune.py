@@ -31,8 +31,8 @@ from ray.train.v2.api.callback import UserCallback
 
 from gan_ray.config import TrainConfig
 from gan_ray.errors import UserError
-from gan_ray.tune_placement import (PG_FILE, PlacementGroupRecorder, SweepGroups, recorded_groups,
-                                    release_placement_groups, run_index)
+from gan_ray.tune_placement import (PG_FILE, PlacementGroupRecorder, SweepGroups, release_placement_groups,
+                                    run_index)
 from gan_ray.tune_space import DRIVER_CPU, Choice, Range, SearchSpace, SweepSettings, space_to_json
 
 METRIC, MODE = "fd", "min"
@@ -511,9 +511,7 @@ def _progress_callback_class():
             accounted: set[str] = set()
             for t in trials:
                 if t.path and t.status != "PENDING" and Path(t.path).is_dir():
-                    release_placement_groups(Path(t.path), keep_latest_run=t.status == "RUNNING")
-                    if t.status == "RUNNING":
-                        accounted.update(recorded_groups(Path(t.path), keep_latest_run=False))
+                    accounted.update(release_placement_groups(Path(t.path), keep_latest_run=t.status == "RUNNING"))
             if self._groups is not None:
                 self._groups.remove_orphans(accounted)
 

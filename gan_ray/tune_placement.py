@@ -45,12 +45,10 @@ def run_index(name: str) -> int:
     return int(name.split("-")[1]) if "-" in name else 0
 
 
-def recorded_groups(trial_dir: Path, keep_latest_run: bool) -> list[str]:
-    """Hex ids recorded under a trial (all of them, or all but those of its newest Train run)."""
+def recorded_runs(trial_dir: Path) -> list[list[str]]:
+    """Hex ids recorded under a trial, one list per Train run, oldest run first."""
     files = sorted(trial_dir.glob(f"train*/{PG_FILE}"), key=lambda p: run_index(p.parent.name))
-    if keep_latest_run and files:
-        files = files[:-1]
-    return [line for f in files for line in f.read_text().split()]
+    return [f.read_text().split() for f in files]
 
 
 def remove_groups(ids: list[str]) -> int:
@@ -70,9 +68,13 @@ def remove_groups(ids: list[str]) -> int:
     return removed
 
 
-def release_placement_groups(trial_dir: Path, keep_latest_run: bool) -> int:
-    """Remove the still-existing worker placement groups recorded under a trial."""
-    return remove_groups(recorded_groups(trial_dir, keep_latest_run))
+def release_placement_groups(trial_dir: Path, keep_latest_run: bool) -> list[str]:
+    """Remove the still-existing worker placement groups recorded under a trial, except those of its newest Train
+    run when `keep_latest_run` (a running trial's); returns the ids kept."""
+    runs = recorded_runs(trial_dir)
+    kept = runs.pop() if keep_latest_run and runs else []
+    remove_groups([hex_id for run in runs for hex_id in run])
+    return kept
 
 
 def job_groups(skip_bundles: list[dict] | None = None) -> set[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,17 @@ def ray_cluster():
     except Exception:
         pass
     ray.shutdown()
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25) -> float:
+    """Seconds until `predicate()` held; an AssertionError naming `what` after `timeout_s`. For what Ray (Serve's
+    autoscaler, the GCS's job cleanup) does asynchronously, where a fixed sleep is either slow or flaky."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: str | Path | None = None):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
+from tests.conftest import wait_for
 from tests.test_serve import deploy, serve_models, start_serve  # noqa: F401  (serve_models is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -73,15 +74,6 @@ def running_replicas(app: str) -> int:
         return 0
     dep = status.deployments["GeneratorServer"]
     return int(dep.replica_states.get("RUNNING", 0))
-
-
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def replica_actors(app: str) -> list:
