@@ -339,9 +339,11 @@ def make_searcher(settings: SweepSettings, concurrency: int):
     """The search algorithm, capped at `concurrency` running trials (Tune ignores `max_concurrent_trials` for a
     BasicVariantGenerator passed in explicitly)."""
     if settings.search == "optuna":
+        import optuna
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study on the sweep's own log
         return ConcurrencyLimiter(OptunaSearch(seed=settings.seed), max_concurrent=concurrency)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
