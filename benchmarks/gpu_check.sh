@@ -45,19 +45,7 @@ bench() {  # args: label, time limit, bench flags...
 bench mlp 150 --arch mlp --batch-size 64,1024,4096
 bench dcgan64 150 --arch dcgan --image-size 64 --batch-size 512
 rm -f "$OUT"/.bench_*.jsonl
-python3 - "$OUT/bench.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-if rows:
-    print(f"card: {rows[0]['device']}")
-    print("| model | batch | DataLoader loop | plain CUDA graph (best plain) | gan-ray in Ray Train | vs DataLoader | vs best plain | gan-ray path |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for r in rows:
-    fp = " ".join(f"{k}={v}" for k, v in r["fast_path"].items())
-    print(f"| {r['arch']} {r['image_size']}x{r['image_size']} | {r['batch_size']} | {r['plain_images_per_s']:,.0f} | "
-          f"{r.get('plain_graph_images_per_s', float('nan')):,.0f} | {r['ray_train_images_per_s']:,.0f} | "
-          f"{r['ratio']:.2f}x | {r.get('ratio_vs_best_plain', float('nan')):.2f}x | {fp} |")
-PY
+python3 benchmarks/gpu_summary.py "$OUT/bench.jsonl" | tee -a "$OUT/summary.txt"
 
 # --- correctness on the GPU: graph vs eager, bf16/dcgan graphs, checkpoints, compile + graph --------------------
 stamp "pytest tests/test_fast_path.py (CUDA tests included)"

@@ -1,0 +1,81 @@
+"""`gan-ray bench`: bad input, and one real run (plain loop and a Ray Train worker) whose JSON feeds the issue-7 table.
+
+The GPU script (benchmarks/gpu_check.sh) runs the same command with `--device cuda` on a lent machine and builds its
+table with benchmarks/gpu_summary.py; both are exercised here on CPU so that one prepared GPU run cannot fail on
+the plumbing.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+SUMMARY = ROOT / "benchmarks" / "gpu_summary.py"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0,32"], "--batch-size expects positive integers"),
+    (["--batch-size", "64,x"], "--batch-size expects positive integers"),
+    (["--steps", "0"], "must be positive"),
+    (["--arch", "dcgan", "--image-size", "48"], "48"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--cuda-graph", "on"], "CUDA"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    from gan_ray.bench import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gan-ray bench: error:") and message in err[0], err
+
+
+@pytest.mark.parametrize("arch, size", [("mlp", 28), ("dcgan", 32), ("dcgan", 64)])
+def test_bench_images_fill_the_model_shape(arch, size):
+    from gan_ray.bench import _images, _spec
+
+    shape = _spec(arch, size).image_shape
+    images = _images(100, shape)
+    assert images.shape == (100, *shape) and images.dtype == torch.float32
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0 and float(images.std()) > 0.1  # real digits
+
+
+@pytest.mark.slow
+def test_bench_measures_both_sides_and_the_summary_tabulates_them(ray_cluster, tmp_path, capsys):
+    from gan_ray.bench import main
+
+    assert main(["--json", "--batch-size", "16,32", "--steps", "8", "--repeats", "2", "--threads", "1",
+                 "--address", ray_cluster.get_runtime_context().gcs_address]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in lines]
+    assert [r["batch_size"] for r in rows] == [16, 32]
+    for r in rows:
+        assert r["arch"] == "mlp" and r["image_size"] == 28 and r["device"] == "CPU x1 threads"
+        assert r["fast_path"] == {"precision": "fp32", "cuda_graph": False, "compile": False, "channels_last": False}
+        assert len(r["plain_runs"]) == len(r["ray_train_runs"]) == 2 and min(r["plain_runs"] + r["ray_train_runs"]) > 0
+        assert r["plain_images_per_s"] == pytest.approx(statistics.median(r["plain_runs"]))
+        assert r["ray_train_images_per_s"] == pytest.approx(statistics.median(r["ray_train_runs"]))
+        assert r["ratio"] == pytest.approx(r["ray_train_images_per_s"] / r["plain_images_per_s"])
+        assert "plain_graph_images_per_s" not in r  # the CUDA-graph baseline exists on a GPU only
+
+    bench_file = tmp_path / "bench.jsonl"
+    bench_file.write_text("\n".join(lines) + "\n")
+    table = subprocess.run([sys.executable, str(SUMMARY), str(bench_file)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert table[0] == "card: CPU x1 threads" and table[1].startswith("| model | batch |")
+    body = table[3:]
+    assert len(body) == 2
+    for r, line in zip(rows, body):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == ["mlp 28x28", str(r["batch_size"]), f"{r['plain_images_per_s']:,.0f}"]
+        assert cells[3] == "-" and cells[4] == f"{r['ray_train_images_per_s']:,.0f}"
+        assert cells[5] == f"{r['ratio']:.2f}x" and cells[6] == "-"
+
+
+def test_summary_usage_error():
+    r = subprocess.run([sys.executable, str(SUMMARY)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("usage:")
