@@ -44,15 +44,30 @@ def load_state_dict(state: GANState, sd: dict[str, Any], *, restore_rng: bool = 
     unwrap(state.D).load_state_dict(sd["D"])
     if state.G_ema is not None:
         state.G_ema.load_state_dict(sd["G_ema"] if sd["G_ema"] is not None else sd["G"])
-    state.opt_g.load_state_dict(sd["opt_g"])
-    state.opt_d.load_state_dict(sd["opt_d"])
+    load_optimizer(state.opt_g, sd["opt_g"])
+    load_optimizer(state.opt_d, sd["opt_d"])
     state.step = int(sd["step"])
     state.images_seen = int(sd["images_seen"])
-    if restore_rng:
-        torch.set_rng_state(sd["rng_cpu"])
+    if restore_rng:  # RNG states are CPU byte tensors, wherever the checkpoint was mapped
+        torch.set_rng_state(sd["rng_cpu"].cpu())
         if sd.get("rng_cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(sd["rng_cuda"])
+            torch.cuda.set_rng_state(sd["rng_cuda"].cpu())
     return int(sd["epoch"])
+
+
+def load_optimizer(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Load an optimiser's state but keep its own `capturable` setting: the file holds its writer's, and a CUDA-graph
+    run's checkpoint must also resume eagerly (on CPU, or on a GPU with --cuda-graph off). Step counters go where
+    the setting needs them: on the parameter's device when capturable, else on the CPU."""
+    capturable = [group.get("capturable", False) for group in opt.param_groups]
+    opt.load_state_dict(sd)
+    for group, keep in zip(opt.param_groups, capturable):
+        if "capturable" in group:
+            group["capturable"] = keep
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st and isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].to(p.device if keep else "cpu")
 
 
 def save(directory: Path, state: GANState, *, epoch: int, config: dict[str, Any],

@@ -24,6 +24,7 @@ TORCHVISION_FILES = {
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 HELDOUT_FRACTION = 0.15
+GRAYSCALE_MODES = ("L", "1", "I;16")  # PIL modes loaded as one channel
 SPLIT_SEED = 1234  # fixed: the held-out split must not move when the training seed changes
 
 
@@ -133,26 +134,48 @@ def _torchvision(name: str, split: str, root: Path) -> ImageDataset:
     return ImageDataset(images, labels, len(ds.classes), name)
 
 
+def train_count(n_images: int) -> int:
+    """Images a dataset of `n_images` keeps for training after the fixed held-out split."""
+    return n_images - int(round(n_images * HELDOUT_FRACTION))
+
+
+def folder_files(root: Path) -> tuple[list[tuple[Path, int]], int]:
+    """(image files with their labels, number of classes) of a folder dataset: a flat folder is unlabelled (-1);
+    class sub-folders (searched recursively) are labelled by their sorted names. The one listing that both the
+    driver's checks and the loader use."""
+    if not root.is_dir():
+        raise UserError(f"--dataset folder:{root}: no such directory")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        return [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES], 0
+    files: list[tuple[Path, int]] = []
+    for label, sub in enumerate(subdirs):
+        files += [(f, label) for f in sorted(sub.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    return files, len(subdirs)
+
+
+def folder_mode(files: list[tuple[Path, int]]) -> str:
+    """"L" (one channel) if every image is grayscale, "RGB" if any is not (headers only: no pixels decoded)."""
+    from PIL import Image
+
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                if im.mode not in GRAYSCALE_MODES:
+                    return "RGB"
+        except OSError as exc:
+            raise UserError(f"cannot read image {f}: {exc}") from None
+    return "L"
+
+
 def _folder(root: Path, split: str, image_size: int) -> ImageDataset:
     """Images in a flat folder (unlabelled) or in class sub-folders (labelled, classes sorted by name)."""
     from PIL import Image
 
-    if not root.is_dir():
-        raise UserError(f"--dataset folder:{root}: no such directory")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[tuple[Path, int]] = []
-    if subdirs:
-        for label, sub in enumerate(subdirs):
-            files += [(f, label) for f in sorted(sub.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-        num_classes = len(subdirs)
-    else:
-        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-        num_classes = 0
+    files, num_classes = folder_files(root)
     if len(files) < 2:
         raise UserError(f"--dataset folder:{root}: found {len(files)} images; need at least 2")
-    # Grayscale if every image is, RGB otherwise.
-    with Image.open(files[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
+    mode = folder_mode(files)
     arrays = []
     for f, _ in files:
         try:

@@ -25,7 +25,8 @@ from gan_ray.fast_step import resolve_for as resolve_fast_path
 from gan_ray.images import grid_png, write_atomic
 from gan_ray.loop import run_epoch
 from gan_ray.models import ModelSpec, build
-from gan_ray.run_files import METRICS_FILE, describe_dataset, format_progress, truncate_metrics
+from gan_ray.run_files import (METRICS_FILE, check_batch_fits, describe_dataset, format_progress,
+                               truncate_metrics)
 from gan_ray.step import GANState, make_state
 
 # Hooks run on rank 0 after each epoch: (cfg, state, epoch, device, heldout) -> extra metrics. The metrics module
@@ -114,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     data = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, image_size=cfg.image_size)
+    check_batch_fits(len(data), world, cfg.batch_size)  # the driver checked the count it expects; this is the real one
     if device.type == "cuda":
         data = data.to(device)  # GPU-resident: batches are gathered on the device, no host copies per step
     spec = ModelSpec(cfg.arch, cfg.latent_dim, data.shape, data.num_classes if cfg.conditional else 0)
@@ -130,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         restored = ray.train.Checkpoint.from_directory(config["init_checkpoint"])
     if restored is not None:
         with restored.as_directory() as d:
-            _, sd = ckpt_io.load(d, map_location=device)
+            _, sd = ckpt_io.load(d)  # on the CPU: load_state_dict copies to the device (RNG states must stay)
             start_epoch = ckpt_io.load_state_dict(state, sd) + 1
         # The config's learning rates win over the ones saved with the optimiser state: a no-op on a plain resume,
         # and after an exploit the trial trains on with its own (mutated) rates and the donor's Adam moments.
@@ -313,11 +315,29 @@ def fit(cfg: TrainConfig, *, address: str | None = None, hooks: list[EpochHook] 
     printer = ProgressPrinter(cfg.run_dir / METRICS_FILE, cfg.epochs) if progress else None
     if printer:
         printer.start()
+    from ray.train import TrainingFailedError
+
     try:
         return trainer_for(cfg, hooks=hooks).fit()
+    except TrainingFailedError as exc:
+        user_error = worker_user_error(exc)
+        if user_error is None:
+            raise  # a bug, or a failure Ray could not recover from: its traceback says where
+        raise user_error from None
     finally:
         if printer:
             printer.stop()
+
+
+def worker_user_error(exc: BaseException) -> UserError | None:
+    """The bad input a worker refused (e.g. bf16 on a GPU without it), from Train's failure; None if there is none.
+
+    Only the workers can check what depends on their device or their copy of the data; the driver then reports
+    it as one line (exit 2) instead of Train's traceback."""
+    for error in (getattr(exc, "worker_failures", None) or {}).values():
+        if isinstance(error, UserError):
+            return UserError(str(error))
+    return None
 
 
 def finished_epochs(run_dir: Path) -> int:

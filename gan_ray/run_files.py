@@ -12,37 +12,44 @@ from gan_ray.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 
-# Shapes and class counts of the downloadable datasets, known without downloading them.
+# Shapes, class counts and sizes (train + held out) of the built-in datasets, known without downloading them.
 KNOWN_SHAPES = {"digits": ((1, 28, 28), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
                 "cifar10": ((3, 32, 32), 10)}
+KNOWN_TRAIN_IMAGES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}  # their own test sets are held out
+DIGITS_IMAGES = 1797  # scikit-learn's digits, split here into train and held out
 
 
 def describe_dataset(cfg: TrainConfig) -> tuple[tuple[int, int, int], int]:
     """(image shape, number of classes) of the configured dataset; checks it can be trained as configured."""
-    from gan_ray.data import IMAGE_SUFFIXES, validate_dataset_name
+    from gan_ray.data import folder_files, folder_mode, train_count, validate_dataset_name
 
     validate_dataset_name(cfg.dataset)
     if cfg.dataset in KNOWN_SHAPES:
         shape, k = KNOWN_SHAPES[cfg.dataset]
+        n_train = KNOWN_TRAIN_IMAGES.get(cfg.dataset) or train_count(DIGITS_IMAGES)
     else:
-        root = Path(cfg.dataset[len("folder:"):]).expanduser()
-        if not root.is_dir():
-            raise UserError(f"--dataset {cfg.dataset}: no such directory")
-        subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        k = len(subdirs)
-        files = [f for d in (subdirs or [root]) for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+        from gan_ray.data import IMAGE_SUFFIXES
+
+        files, k = folder_files(Path(cfg.dataset[len("folder:"):]).expanduser())
         if not files:
             raise UserError(f"--dataset {cfg.dataset}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-        from PIL import Image
-
-        with Image.open(files[0]) as im:
-            channels = 1 if im.mode in ("L", "1", "I;16") else 3
-        shape = (channels, cfg.image_size, cfg.image_size)
+        shape = (1 if folder_mode(files) == "L" else 3, cfg.image_size, cfg.image_size)
+        n_train = train_count(len(files))
     if cfg.conditional and k == 0:
         raise UserError(f"--conditional needs labelled data; {cfg.dataset} has no class sub-folders")
     if cfg.arch == "dcgan" and shape[1] not in (28, 32, 64):
         raise UserError(f"--arch dcgan supports 28, 32 or 64 pixel images, got {shape[1]} (set --image-size)")
+    check_batch_fits(n_train, cfg.workers, cfg.batch_size)
     return shape, k
+
+
+def check_batch_fits(n_train: int, workers: int, batch_size: int) -> None:
+    """Refuse a run whose epochs would hold no step: each worker trains on full batches of its share only."""
+    share = n_train // workers
+    if share < batch_size:
+        raise UserError(f"--batch-size {batch_size} is larger than each worker's share of the training images "
+                        f"({n_train} / {workers} workers = {share}): no step could run; lower --batch-size or "
+                        "--workers")
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -65,6 +65,42 @@ def test_checkpoint_round_trip_restores_everything(trained_checkpoint):
     assert fresh.opt_d.state_dict()["state"][0]["step"] == state.opt_d.state_dict()["state"][0]["step"]
 
 
+def _fresh_state(meta: dict, capturable: bool = False):
+    spec = ModelSpec.from_dict(meta["spec"])
+    G, D = build(spec)
+    return make_state(spec, G, D, lr_g=2e-4, lr_d=2e-4, beta1=0.5, capturable=capturable)
+
+
+def test_a_cuda_graph_runs_checkpoint_resumes_eagerly(trained_checkpoint):
+    """A --cuda-graph run saves capturable Adam (float step counters); resuming it eagerly (on CPU, or a GPU with
+    --cuda-graph off) keeps this optimiser's own setting and trains exactly like resuming a non-graph checkpoint."""
+    d, _ = trained_checkpoint
+    meta, plain_sd = ckpt_io.load(d)
+    _, graph_sd = ckpt_io.load(d)
+    for opt in ("opt_g", "opt_d"):  # what a capturable optimiser writes
+        for group in graph_sd[opt]["param_groups"]:
+            group["capturable"] = True
+    losses = []
+    for sd in (plain_sd, graph_sd):
+        state = _fresh_state(meta)
+        ckpt_io.load_state_dict(state, sd)
+        assert not any(g["capturable"] for opt in (state.opt_g, state.opt_d) for g in opt.param_groups)
+        assert all(st["step"].device.type == "cpu" for st in state.opt_d.state.values())
+        torch.manual_seed(3)
+        out = train_step(state, torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+        losses.append((float(out["loss_d"]), float(out["loss_g"])))
+    assert losses[0] == losses[1]
+
+
+def test_a_capturable_state_keeps_its_setting_when_loading_a_plain_checkpoint(trained_checkpoint):
+    d, _ = trained_checkpoint
+    meta, sd = ckpt_io.load(d)
+    state = _fresh_state(meta, capturable=True)
+    ckpt_io.load_state_dict(state, sd)
+    assert all(g["capturable"] for opt in (state.opt_g, state.opt_d) for g in opt.param_groups)
+    assert all(st["step"].device == p.device for p, st in state.opt_g.state.items())
+
+
 def test_checkpoint_refuses_foreign_pickles(tmp_path, trained_checkpoint):
     d, _ = trained_checkpoint
     bad = tmp_path / "evil"

@@ -111,3 +111,29 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused(ray_cluster, tmp_path
     with pytest.raises(UserError, match="CPUs"):
         fit(small_config(tmp_path, "too-many", workers=cpus + 1), progress=False)
     assert not (tmp_path / "too-many").exists(), "nothing written for a refused run"
+
+
+def test_a_batch_larger_than_a_workers_share_is_refused_before_ray(tmp_path):
+    """1527 training digits over 2 workers: 763 each. A bigger batch would train no step at all (epochs of zero
+    steps that still write checkpoints); the driver refuses it before any cluster or file exists."""
+    with pytest.raises(UserError, match=r"--batch-size 800 is larger than each worker's share .*1527 / 2 workers = 763"):
+        fit(small_config(tmp_path, "big-batch", batch_size=800), progress=False)
+    assert not (tmp_path / "big-batch").exists()
+
+
+def test_bad_input_a_worker_finds_comes_back_as_one_user_error(ray_cluster, tmp_path):
+    """What only a worker can check (its device, its copy of the data) fails in the worker; Train wraps it in a
+    TrainingFailedError, and the driver unwraps it to the one-line UserError the CLI prints (exit 2). The driver's
+    own checks are skipped here (trainer_for directly) so that the worker's check is the one that fires."""
+    from ray.train import TrainingFailedError
+
+    from gan_ray.ray_train import prepare_run_dir, trainer_for, worker_user_error
+
+    cfg = small_config(tmp_path, "worker-refuses", batch_size=800, max_failures=0)
+    prepare_run_dir(cfg)
+    with pytest.raises(TrainingFailedError) as failed:
+        trainer_for(cfg).fit()
+    error = worker_user_error(failed.value)
+    assert isinstance(error, UserError) and "--batch-size 800 is larger than each worker's share" in str(error)
+    assert "\n" not in str(error)
+    assert worker_user_error(RuntimeError("not Train's")) is None
