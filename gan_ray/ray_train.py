@@ -27,7 +27,7 @@ from gan_ray.loop import run_epoch
 from gan_ray.models import ModelSpec, build
 from gan_ray.run_files import (METRICS_FILE, check_batch_fits, describe_dataset, format_progress,
                                truncate_metrics)
-from gan_ray.step import GANState, make_state
+from gan_ray.step import GANState, eval_mode, make_state
 
 # Hooks run on rank 0 after each epoch: (cfg, state, epoch, device, heldout) -> extra metrics. The metrics module
 # registers its evaluator here so this file doesn't import it (and runs without it).
@@ -161,8 +161,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if is_ckpt or (cfg.eval_every and epoch % cfg.eval_every == 0):
                     metrics.update(hook(cfg, state, epoch, device))
             if cfg.sample_every and epoch % cfg.sample_every == 0:
-                with torch.no_grad():
-                    imgs = state.sampler(z_fixed.to(device), labels_fixed.to(device) if labels_fixed is not None else None)
+                with torch.no_grad(), eval_mode(state.sampler) as sampler:  # --no-ema: G itself, in train mode
+                    imgs = sampler(z_fixed.to(device), labels_fixed.to(device) if labels_fixed is not None else None)
                 write_atomic(run_dir / "samples" / f"epoch_{epoch:04d}.png",
                              grid_png(imgs, nrow=spec.num_classes or 8))
             metrics["wall_s"] = round(time.time() - t_epoch, 3)
@@ -218,28 +218,51 @@ def check_resources(cfg: TrainConfig) -> None:
 
 
 class ProgressPrinter(threading.Thread):
-    """Prints one line per epoch from metrics.jsonl while `trainer.fit()` blocks (driver side, no prefixes)."""
+    """Prints one line per epoch from metrics.jsonl while `trainer.fit()` blocks (driver side, no prefixes).
+
+    A restore after a lost worker replaces the file (rows after the checkpoint dropped, then replayed), possibly
+    between two polls; rows are therefore told apart by (epoch, time), not by file offset, and each is printed
+    once: replayed epochs print again, because they are trained again."""
 
     def __init__(self, path: Path, total_epochs: int, print_fn: Callable[[str], None] = print):
         super().__init__(daemon=True)
         self.path, self.total, self.print_fn = path, total_epochs, print_fn
         self.stop_event = threading.Event()
-        self.offset = path.stat().st_size if path.exists() else 0
+        self.inode: int | None = None
+        self.offset = 0
+        self.seen: set[tuple] = set()
+        for row in self._new_rows():  # rows of an earlier run of this directory are not this run's progress
+            self.seen.add(self._key(row))
 
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        size = self.path.stat().st_size
-        if size < self.offset:  # truncated by a resume after a failure: those epochs will be replayed
-            self.offset = size
-        with open(self.path) as f:
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return row.get("epoch"), row.get("time")
+
+    def _new_rows(self) -> list[dict]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return []
+        if st.st_ino != self.inode or st.st_size < self.offset:  # replaced or truncated: read it from the start
+            self.inode, self.offset = st.st_ino, 0
+        with open(self.path, "rb") as f:
             f.seek(self.offset)
             chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            if line.strip():
-                self.print_fn(format_progress(json.loads(line), self.total))
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        rows = []
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # never let one odd line end the progress display
+                continue
+        return rows
+
+    def poll(self) -> None:
+        for row in self._new_rows():
+            if self._key(row) not in self.seen and "epoch" in row:
+                self.seen.add(self._key(row))
+                self.print_fn(format_progress(row, self.total))
 
     def run(self) -> None:
         while not self.stop_event.wait(0.5):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -48,6 +48,18 @@ class GANState:
     def sampler(self) -> nn.Module:
         """The generator used for sampling, evaluation and export: the EMA one when enabled."""
         return self.G_ema if self.G_ema is not None else unwrap(self.G)
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """`net` in eval mode for a look at it (sample grids): BatchNorm uses its running statistics, as exported models
+    do, and its buffers are not updated by the look; the previous mode is restored afterwards."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
 
 
 def make_state(spec: ModelSpec, G: nn.Module, D: nn.Module, *, lr_g: float, lr_d: float, beta1: float,
