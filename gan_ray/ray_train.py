@@ -307,20 +307,24 @@ def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callb
     )
 
 
-def prepare_run_dir(cfg: TrainConfig) -> None:
-    """Check a re-used run is compatible, then save the resolved config (only after everything validated)."""
-    from gan_ray.config import save_json
-
-    run_dir = cfg.run_dir
-    saved = run_dir / "config.json"
+def check_compatible(cfg: TrainConfig) -> None:
+    """A re-used run directory must hold the same model and data: its checkpoints could not be resumed otherwise."""
+    saved = cfg.run_dir / "config.json"
     if saved.exists():
         old = json.loads(saved.read_text())
         for key in ("dataset", "arch", "conditional", "latent_dim", "image_size"):
             if old.get(key) != getattr(cfg, key):
-                raise UserError(f"run {run_dir} was trained with {key}={old.get(key)!r}; cannot resume it with "
+                raise UserError(f"run {cfg.run_dir} was trained with {key}={old.get(key)!r}; cannot resume it with "
                                 f"{key}={getattr(cfg, key)!r} (use another --name)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, saved)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> None:
+    """Check a re-used run is compatible, then save the resolved config (only after everything validated)."""
+    from gan_ray.config import save_json
+
+    check_compatible(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, cfg.run_dir / "config.json")
 
 
 def fit(cfg: TrainConfig, *, address: str | None = None, hooks: list[EpochHook] | None = None,
@@ -328,6 +332,7 @@ def fit(cfg: TrainConfig, *, address: str | None = None, hooks: list[EpochHook] 
     """Train (or resume) a run; returns Ray's Result, or None when the run had already reached `cfg.epochs`."""
     cfg.validate()
     describe_dataset(cfg)  # bad dataset / --conditional on unlabelled data: fail before Ray starts
+    check_compatible(cfg)  # also when there is nothing left to train: a mismatch is still the user's mistake
     done = finished_epochs(cfg.run_dir)
     if done >= cfg.epochs:
         print(f"run {cfg.run_dir} already has {done} of {cfg.epochs} epochs; nothing to do")

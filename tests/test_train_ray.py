@@ -69,6 +69,8 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
     # A finished run does nothing more (and doesn't even start a trainer).
     assert fit(cfg5, progress=False) is None
     assert len(read_metrics(run / "metrics.jsonl")) == 5
+    with pytest.raises(UserError, match="was trained with latent_dim=100; cannot resume it with latent_dim=32"):
+        fit(small_config(storage, "resume", epochs=5, latent_dim=32), progress=False)  # finished, still refused
 
 
 def _train_worker_pids() -> list[int]:
