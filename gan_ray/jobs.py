@@ -11,13 +11,14 @@ turns authentication off: a cluster that wants a token we do not have is a one-l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 from gan_ray.errors import UserError
@@ -116,7 +117,11 @@ def normalise_address(address: str | None) -> str:
     if not address:
         raise UserError("no cluster given: pass --address http://HEAD:8265 (the Ray dashboard / Jobs API)")
     address = address.strip().rstrip("/")
-    parsed = urlparse(address)
+    try:
+        parsed = urlparse(address)
+        _ = parsed.port  # parsed lazily: a non-numeric or out-of-range port raises here (not later, in requests)
+    except ValueError as exc:  # "http://[::1" (unclosed IPv6 bracket), "http://HOST:notaport", "http://HOST:99999"
+        raise UserError(f"{source} {address!r} is not a valid URL ({exc}); expected e.g. http://HEAD:8265") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UserError(f"{source} must be the Ray Jobs API URL, e.g. http://HEAD:8265, got {address!r}")
     return address
@@ -180,17 +185,51 @@ def connect(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    import requests
+
     _quiet_client_logs()
     headers, source = auth_headers(address)
+    not_jobs_api = f"{address} is not a Ray Jobs API endpoint"
     try:
-        return JobSubmissionClient(address, headers=headers)
+        with _address_wins(address):
+            return JobSubmissionClient(address, headers=headers)
     except AuthenticationError:
         raise UserError(_NO_TOKEN_HELP if not headers else
                         f"the cluster at {address} rejected the auth token from {source}") from None
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray Jobs API at {address}: {exc}") from None
     except RuntimeError as exc:
-        raise UserError(f"{address} is not a Ray Jobs API: {' '.join(str(exc).split())[:200]}") from None
+        raise UserError(f"{not_jobs_api}: {_one_line(exc)}") from None
+    # The client's version check (GET /api/version) on something that is not Ray's dashboard: a proxy or another
+    # web server answering an error status, HTML instead of JSON, or JSON without a parseable "ray_version".
+    except requests.HTTPError as exc:
+        response = exc.response
+        raise UserError(f"{not_jobs_api}: GET /api/version answered HTTP {response.status_code} "
+                        f"{response.reason or ''}".rstrip()) from None
+    except (requests.exceptions.InvalidJSONError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{not_jobs_api}: GET /api/version did not answer with Ray's version JSON "
+                        f"({type(exc).__name__}: {_one_line(exc)})") from None
+    except requests.RequestException as exc:  # timeouts, redirect loops, URLs requests cannot use
+        raise UserError(f"cannot reach the Ray Jobs API at {address}: {_one_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _address_wins(address: str) -> Iterator[None]:
+    """Ray's client prefers RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, over the address it is given; the address
+    resolved here (from --address, else those variables) is the one to use, so it is what the client sees."""
+    old = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = address
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = old
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    return " ".join(str(exc).split())[:limit]
 
 
 # ------------------------------------------------------------------------------------------------- submission

@@ -483,3 +483,163 @@ def test_ray_up_schema_rejects_unknown_fields():
     raw["available_node_types"]["gpu_worker"]["min_worker"] = 0
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(raw))
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
+def test_ray_up_workers_that_mount_the_bucket_carry_credentials(name):
+    """s3fs / gcsfuse authenticate as the VM, and `ray up` gives an identity only to the head (Ray's AWS and GCP
+    bootstrap put it in config["head_node"], applied to the head alone): every worker type that mounts the bucket
+    must name its own instance profile / service account, or it cannot mount and never joins."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CLUSTER / name).read_text())
+    config = prepare_config(copy.deepcopy(raw))  # what `ray up` works from: the credentials survive the defaults
+    validate_config(config)
+    provider = config["provider"]
+    workers = {t: v for t, v in config["available_node_types"].items() if t != config["head_node_type"]}
+    mounting = [t for t, v in workers.items()
+                if re.search(r"\b(s3fs|gcsfuse)\b.*/mnt/shared",
+                             " ".join(v.get("initialization_commands", config["initialization_commands"])))]
+    assert mounting and mounting == list(workers), (name, mounting)  # every worker type mounts the bucket
+    for t in mounting:
+        node_config = workers[t]["node_config"]
+        if provider["type"] == "aws":
+            assert "iam_role=auto" in " ".join(config["initialization_commands"])  # s3fs uses the profile
+            profile = node_config.get("IamInstanceProfile")
+            assert isinstance(profile, dict) and (profile.get("Name") or profile.get("Arn")), (name, t)
+            # not Ray's head profile: that one can launch instances, and job code runs on the workers
+            assert "ray-autoscaler" not in str(profile.get("Name") or profile.get("Arn")), (name, t)
+        elif provider["type"] == "gcp":
+            accounts = node_config.get("serviceAccounts")
+            assert accounts and len(accounts) == 1, (name, t)  # GCE allows one account per instance
+            (account,) = accounts
+            # the placeholder project is the one the file already asks the user to set
+            assert account["email"].endswith(f"@{provider['project_id']}.iam.gserviceaccount.com"), account
+            assert not account["email"].startswith("ray-autoscaler-sa"), account
+            assert {"https://www.googleapis.com/auth/cloud-platform",
+                    "https://www.googleapis.com/auth/devstorage.read_write"} & set(account["scopes"]), account
+        else:
+            pytest.fail(f"{name}: unexpected provider {provider['type']}")
+
+
+# ------------------------------------------------------------------------------- documented kubectl commands
+def selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (=, ==, !=, in, notin, exists, !exists) against an object's labels."""
+    for req in re.findall(r"[^,()]+(?:\([^)]*\))?", selector):
+        req = req.strip()
+        if m := re.fullmatch(r"(\S+)\s+(in|notin)\s+\(([^)]*)\)", req):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
+            if (labels.get(key) in values) != (op == "in"):
+                return False
+        elif m := re.fullmatch(r"([^!=\s]+)\s*(==|=|!=)\s*(\S*)", req):
+            key, op, value = m.groups()
+            if (labels.get(key) == value) != (op != "!="):
+                return False
+        elif m := re.fullmatch(r"(!?)([^!=\s]+)", req):
+            if (m.group(2) in labels) == bool(m.group(1)):
+                return False
+        else:
+            pytest.fail(f"cannot parse label selector requirement {req!r}")
+    return True
+
+
+def kubectl_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) for every kubectl command written in the README or in the k8s/ files' comments."""
+    sources = [("README.md", (ROOT / "README.md").read_text())]
+    sources += [(f"k8s/{p.name}", "\n".join(line for line in p.read_text().splitlines()
+                                             if line.lstrip().startswith("#")))
+                for p in sorted(K8S.glob("*.yaml"))]
+    out = []
+    for where, text in sources:
+        for m in re.finditer(r"\bkubectl\s[^`|;&#\n]*", text):
+            out.append((where, shlex.split(m.group(0))))
+    return out
+
+
+def option(argv: list[str], *names: str) -> list[str]:
+    values = []
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                values.append(argv[i + 1])
+            elif arg.startswith(name + "="):
+                values.append(arg.split("=", 1)[1])
+    return values
+
+
+def test_documented_commands_apply_the_image_rewrite():
+    """The manifests name the placeholder image gan-ray:0.1.0, which only the kustomization's images: rewrites:
+    a documented `kubectl ... -f k8s/FILE` would pull docker.io/library/gan-ray:0.1.0 (ImagePullBackOff). Every
+    documented command that names a manifest file must therefore get it through kustomize (-k), and each label
+    selector used with -k must pick what it says: each RayJob alone, or everything but the jobs."""
+    # the selector evaluator below follows Kubernetes' semantics (notin also matches an absent key)
+    labels = {"app.kubernetes.io/component": "train-job", "app.kubernetes.io/name": "gan-ray"}
+    assert selector_matches("app.kubernetes.io/component=train-job", labels)
+    assert not selector_matches("app.kubernetes.io/component=tune-job", labels)
+    assert selector_matches("app.kubernetes.io/component notin (tune-job, other)", labels)
+    assert not selector_matches("app.kubernetes.io/component notin (train-job,tune-job)", labels)
+    assert selector_matches("app.kubernetes.io/component notin (train-job,tune-job)", {"a": "b"})
+    assert selector_matches("app.kubernetes.io/name in (gan-ray),app.kubernetes.io/component!=x", labels)
+    assert not selector_matches("!app.kubernetes.io/name", labels)
+
+    kz = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    added = {k: v for group in kz.get("labels", []) for k, v in group["pairs"].items()}
+    objects = [(f, o, {**o["metadata"].get("labels", {}), **added}) for f, o in manifests()]
+    commands = kubectl_commands()
+    assert commands, "no kubectl commands found"
+    created_alone: set[str] = set()
+    for where, argv in commands:
+        for path in option(argv, "-f", "--filename"):
+            target = ROOT / path
+            if path == "-" or not target.resolve().is_relative_to(K8S.resolve()):
+                continue
+            files = [target] if target.is_file() else sorted(target.glob("*.yaml"))
+            for file in files:
+                images = re.findall(r"^\s*(?:-\s*)?image:\s*(\S+)", file.read_text(), flags=re.M)
+                assert IMAGE not in images, \
+                    f"{where}: `{shlex.join(argv)}` applies {file.name} directly, skipping kustomize's image rewrite"
+        dirs = option(argv, "-k", "--kustomize")
+        for d in dirs:
+            assert (ROOT / d).resolve() == K8S.resolve(), (where, argv)
+        for selector in option(argv, "-l", "--selector"):
+            assert dirs, f"{where}: `{shlex.join(argv)}` selects without kustomize"
+            chosen = [(f, o) for f, o, labels in objects if selector_matches(selector, labels)]
+            assert chosen, f"{where}: selector {selector!r} matches nothing"
+            kinds = {o["kind"] for _, o in chosen}
+            if "RayJob" in kinds:  # a job on demand: that job and nothing else
+                assert len(chosen) == 1, f"{where}: {selector!r} selects {[o['metadata']['name'] for _, o in chosen]}"
+                if argv[1:2] == ["create"]:
+                    created_alone.add(chosen[0][1]["metadata"]["name"])
+            else:  # the rest without the jobs: everything that is not a RayJob
+                assert len(chosen) == sum(o["kind"] != "RayJob" for _, o, _ in objects), (where, selector)
+    assert created_alone == {o["metadata"]["name"] for _, o in of_kind("RayJob")}, created_alone
+
+
+# ----------------------------------------------------------------------------------------- object store
+def test_object_store_fits_in_dev_shm():
+    """Ray keeps the object store in /dev/shm, here a memory-backed emptyDir with a sizeLimit. Unless told,
+    Ray takes 30% of the container's memory for it, more than the volume holds, and the kubelet evicts a pod that
+    writes past the limit: every Ray pod sets object-store-memory below the dshm sizeLimit (with Ray's own 5%
+    wiggle room), and the volume itself fits in the container's memory limit it is charged to."""
+    from ray._private import ray_constants
+
+    count = 0
+    for f, spec in cluster_specs():
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for group, g in groups:
+            pod = g["template"]["spec"]
+            (container,) = [c for c in pod["containers"] if c["name"].startswith("ray-")]
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert "/dev/shm" in mounts, (f, group)
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mounts["/dev/shm"]]
+            assert volume["emptyDir"]["medium"] == "Memory", (f, group)
+            shm = quantity(volume["emptyDir"]["sizeLimit"])
+            value = g["rayStartParams"].get("object-store-memory")
+            assert value is not None, f"{f} {group}: no object-store-memory; Ray's default would exceed /dev/shm"
+            assert re.fullmatch(r"[0-9]+", value), (f, group, value)  # bytes, as `ray start` expects
+            store = int(value)
+            assert ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES <= store <= 0.95 * shm, (f, group, store, shm)
+            memory = quantity(container["resources"]["limits"]["memory"])
+            assert shm < memory, (f, group)
+            count += 1
+    assert count >= 8  # head and GPU workers of the RayCluster, both RayJobs and the RayService
