@@ -77,6 +77,12 @@ def load_samples(path: str) -> tuple[Any, Any]:
         if labels.dtype.kind not in "iu" or labels.shape != (imgs.shape[0],):
             raise UserError(f"--samples {p}: labels must be integers of shape [{imgs.shape[0]}], got "
                             f"{labels.dtype} {list(labels.shape)}")
+        if labels.dtype.kind == "u" and labels.size and labels.max() > np.iinfo(np.int64).max:
+            # would wrap to negative int64 and read as "no labels", silently dropping label accuracy
+            raise UserError(f"--samples {p}: labels must be class indices, found {int(labels.max())}")
+        if ((labels < 0) & (labels != -1)).any():
+            raise UserError(f"--samples {p}: labels must be class indices (or all -1 for none), "
+                            f"found {int(labels.min())}")
         if (labels >= 0).any() and (labels < 0).any():
             raise UserError(f"--samples {p}: labels mix -1 (none) with class labels")
         lab = torch.from_numpy(labels.astype(np.int64)) if (labels >= 0).all() else None

@@ -343,6 +343,8 @@ def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
         images = torch.as_tensor(np.asarray(images))
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise UserError(f"{what} must have shape [N, C, H, W] with C = 1 or 3, got {list(images.shape)}")
+    if images.numel() == 0:  # nothing to score (and min()/max() below have no value to return)
+        raise UserError(f"{what} are empty: shape {list(images.shape)}")
     if images.dtype == torch.uint8:
         return images.float().div(255.0)
     if not images.is_floating_point():

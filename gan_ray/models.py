@@ -38,8 +38,36 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(d["arch"], int(d["latent_dim"]), tuple(int(x) for x in d["image_shape"]),  # type: ignore[arg-type]
-                   int(d.get("num_classes", 0)))
+        """A spec from model.json / checkpoint metadata, checked field by field: these files can be edited or
+        corrupted, and a bad value must fail here as one UserError, not deep inside a model or an encoder."""
+        if not isinstance(d, dict):
+            raise UserError(f"a model spec must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("arch", "latent_dim", "image_shape") if k not in d]
+        if missing:
+            raise UserError(f"model spec lacks {', '.join(missing)}")
+        arch, shape = d["arch"], d["image_shape"]
+        if not isinstance(arch, str):
+            raise UserError(f"arch must be a string, got {arch!r}")
+        latent_dim = _positive_int(d["latent_dim"], "latent_dim")
+        num_classes = d.get("num_classes", 0)
+        if not _is_int(num_classes) or num_classes < 0:
+            raise UserError(f"num_classes must be an integer >= 0 (0 = unconditional), got {num_classes!r}")
+        if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(_is_int(x) for x in shape):
+            raise UserError(f"image_shape must be three integers [C, H, W], got {shape!r}")
+        c, h, w = (_positive_int(x, "image_shape") for x in shape)
+        if c not in (1, 3):
+            raise UserError(f"image_shape must have 1 (grey) or 3 (RGB) channels, got {c}")
+        return cls(arch, latent_dim, (c, h, w), num_classes)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a size
+
+
+def _positive_int(x: object, name: str) -> int:
+    if not _is_int(x) or x < 1:  # type: ignore[operator]
+        raise UserError(f"{name} must hold positive integers, got {x!r}")
+    return x  # type: ignore[return-value]
 
 
 _BUILDERS: dict[str, Callable[[ModelSpec], tuple[nn.Module, nn.Module]]] = {}

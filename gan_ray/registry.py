@@ -5,7 +5,10 @@ shape, dataset, metrics, source), `generator.safetensors` (the EMA generator's w
 """
 from __future__ import annotations
 
+import errno
 import json
+import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,14 +72,16 @@ class Generator:
 
 def latent_for_seed(n: int, latent_dim: int, seed: int | None) -> torch.Tensor:
     """Noise drawn on the CPU from a private generator: same seed, same z on every machine and device."""
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
+    # No seed: a fresh one from the OS. torch.seed() would reseed torch's global RNG and undo a caller's
+    # torch.manual_seed.
+    gen = torch.Generator().manual_seed(int(seed) if seed is not None else secrets.randbits(63))
     return torch.randn(n, latent_dim, generator=gen)
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
-    """Write a model directory from a training checkpoint (atomically: a temp dir renamed at the end)."""
-    import shutil
-
+    """Write a model directory from a training checkpoint. Atomic: the files are written to a temp dir of its own
+    beside `out` and swapped in whole, so `out` is always a complete model (the old one or the new one), even with
+    concurrent exports to the same place or a crash half-way."""
     from safetensors.torch import save_file
 
     from gan_ray.checkpoint import load_sampler
@@ -84,6 +89,8 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, extra: dict[str, 
 
     G, spec, meta = load_sampler(checkpoint_dir)
     out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a model directory; refusing to overwrite it")
     if out.exists() and not (out / MODEL_JSON).is_file() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not a gan-ray model directory; refusing to overwrite it")
     cfg = meta.get("config", {})
@@ -101,18 +108,61 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, extra: dict[str, 
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(tmp / WEIGHTS))
-    (tmp / MODEL_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    gen = Generator(G, spec, info)
-    n = 10 * spec.num_classes if spec.conditional else 64
-    labels = (torch.arange(n) // 10) if spec.conditional else None  # one row per class
-    (tmp / "samples.png").write_bytes(grid_png(gen.generate(n, labels, seed=0), nrow=10 if spec.conditional else 8))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise UserError(f"--out {out}: {exc.filename} is not a directory") from None
+    tmp = _unique_sibling(out, "tmp")
+    tmp.mkdir()  # exclusive, like tempfile.mkdtemp, but with the usual permissions (mkdtemp's are 0700)
+    try:
+        save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(tmp / WEIGHTS))
+        (tmp / MODEL_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        gen = Generator(G, spec, info)
+        n = 10 * spec.num_classes if spec.conditional else 64
+        labels = (torch.arange(n) // 10) if spec.conditional else None  # one row per class
+        (tmp / "samples.png").write_bytes(grid_png(gen.generate(n, labels, seed=0),
+                                                   nrow=10 if spec.conditional else 8))
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     return out
+
+
+def _unique_sibling(out: Path, kind: str) -> Path:
+    """A hidden name beside `out` that no other export uses (same filesystem, so renames stay atomic)."""
+    return out.with_name(f".{out.name}.{secrets.token_hex(6)}.{kind}")
+
+
+def _swap_in(new: Path, out: Path, attempts: int = 100) -> None:
+    """Put directory `new` at `out`: the old model (if any) is renamed aside, `new` renamed in, the old one deleted.
+    Every step is a rename, so `out` never holds a partial model. If a concurrent export lands its own model
+    between the two renames, ours cannot overwrite it (rename refuses a non-empty target): move that one aside
+    too and retry, so the last export to finish wins, complete."""
+    asides: list[Path] = []
+    try:
+        for _ in range(attempts):
+            aside = _unique_sibling(out, "old")
+            try:
+                out.rename(aside)
+                asides.append(aside)
+            except FileNotFoundError:
+                pass
+            try:
+                new.rename(out)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    if asides:  # put the previous model back rather than leave no model at all
+                        try:
+                            asides[-1].rename(out)
+                            asides.pop()
+                        except OSError:
+                            pass
+                    raise
+        raise UserError(f"--out {out}: could not replace it ({attempts} concurrent exports kept replacing it)")
+    finally:
+        for aside in asides:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_generator(model_dir: str | Path, device: str | torch.device = "cpu") -> Generator:
@@ -127,10 +177,15 @@ def load_generator(model_dir: str | Path, device: str | torch.device = "cpu") ->
         raise UserError(f"{d} is not a gan-ray model directory (expected {MODEL_JSON} and {WEIGHTS})")
     try:
         info = json.loads((d / MODEL_JSON).read_text())
+        if not isinstance(info, dict):
+            raise ValueError(f"expected a JSON object, got {type(info).__name__}")
+        if info.get("format") != FORMAT:
+            raise ValueError(f"format is {info.get('format')!r}; this gan-ray reads {FORMAT!r}")
         spec = ModelSpec.from_dict(info)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{d / MODEL_JSON} is malformed: {exc}") from None
-    net = build_generator(spec)
+        net = build_generator(spec)  # an architecture that cannot be built from these sizes is malformed too
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, RuntimeError,
+            MemoryError) as exc:
+        raise UserError(f"{d / MODEL_JSON} is malformed: {' '.join(str(exc).split())[:300]}") from None
     try:
         net.load_state_dict(load_file(str(d / WEIGHTS)))
     except (SafetensorError, RuntimeError, OSError) as exc:

@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import logging
+import math
 import secrets
 import struct
 import time
@@ -33,7 +34,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from ray import serve
@@ -93,7 +97,8 @@ class GeneratedImages(BaseModel):
     images: list[str] = Field(description="base64-encoded PNG per image")
 
 
-ERRORS = {413: {"model": ErrorBody, "description": "body too large"},
+ERRORS = {400: {"model": ErrorBody, "description": "malformed Content-Length header"},
+          413: {"model": ErrorBody, "description": "body too large"},
           422: {"model": ErrorBody, "description": "invalid request: `detail` says what is wrong"}}
 MEDIA = {"png": "image/png", "npz": "application/x-npz", "json": "application/json"}
 
@@ -305,7 +310,12 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         too_large = f"request body exceeds {self.max_bytes} bytes"
         for key, value in scope.get("headers", ()):
-            if key == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+            if key != b"content-length":
+                continue
+            if not value.isdigit():  # a header the client got wrong, not a body too large
+                detail = f"malformed Content-Length header {value[:40].decode('latin-1')!r}: expected a byte count"
+                return await JSONResponse({"detail": detail}, status_code=400)(scope, receive, send)
+            if int(value) > self.max_bytes:
                 return await JSONResponse({"detail": too_large}, status_code=413)(scope, receive, send)
         seen = 0
 
@@ -321,9 +331,59 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+def _json_safe(value: Any) -> Any:
+    """`value` with every NaN/Infinity replaced by its JSON5 spelling as a string. Python's json reads `NaN`,
+    `Infinity` and overflowing numbers (`1e400`) into floats that FastAPI's 422 body would echo back, and a
+    response holding them cannot be serialised (Starlette refuses them: the client got a 500)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 (its list of {type, loc, msg, input}), made safe to serialise whatever the body held."""
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
+def _json_invalid(cause: BaseException) -> dict[str, Any]:
+    """The `json_invalid` error FastAPI gives a syntax error, for the bodies its parser fails on otherwise."""
+    if isinstance(cause, UnicodeDecodeError):
+        return {"type": "json_invalid", "loc": ["body", cause.start], "msg": "JSON decode error",
+                "input": {}, "ctx": {"error": f"invalid {cause.encoding} byte 0x{cause.object[cause.start]:02x}"}}
+    return {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {},
+            "ctx": {"error": "JSON nested too deeply"}}
+
+
+async def _http_error(request: Request, exc: Any) -> Response:
+    """FastAPI's HTTPException handler, except that a body its JSON parser choked on without a JSONDecodeError
+    (invalid UTF-8, nesting past the recursion limit: FastAPI's bare 400 "error parsing the body") is the same
+    422 `json_invalid` as any other malformed JSON, as the API documents."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, (UnicodeDecodeError, RecursionError)):
+        return JSONResponse({"detail": [_json_invalid(exc.__cause__)]}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+def deterministic_cudnn() -> None:
+    """Pin cuDNN to deterministic kernels. Responses are promised byte-identical for the same (n, labels, seed),
+    but cuDNN's autotuner (benchmark mode) may pick a different, possibly non-deterministic, convolution algorithm
+    per process and shape. (A module-level function: Serve pickles the deployment class by value, and a method
+    that touched torch.backends.cudnn itself would drag the unpicklable CudnnModule along.)"""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def new_api() -> FastAPI:
+    """The FastAPI app with gan-ray's error handling: every client error is a 4xx with a JSON `detail`."""
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     fastapi_app = FastAPI(title="gan-ray", version=API_VERSION, description=DESCRIPTION)
     fastapi_app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    fastapi_app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    fastapi_app.add_exception_handler(StarletteHTTPException, _http_error)
     return fastapi_app
 
 
@@ -340,6 +400,8 @@ class GeneratorServer:
                  batch_wait_timeout_s: float = 0.0, torch_threads: int = 1):
         if device == "cpu":
             torch.set_num_threads(torch_threads)
+        else:
+            deterministic_cudnn()
         t0 = time.perf_counter()
         self.renderer = Renderer.load(model_dir, device)
         self.render_batch.set_max_batch_size(max_batch_size)
