@@ -32,6 +32,8 @@ def _sweep(out: Path, address: str | None) -> dict:
     sweep = run_sweep(space, SweepSettings(trials=SWEEP_TRIALS, epochs=SWEEP_EPOCHS, scheduler="asha",
                                            grace_period=1, reduction_factor=2, storage=str(out / "runs"),
                                            name="sweep"), address=address)
+    if sweep.interrupted:  # Tune took the Ctrl-C and returned: the demo stops here too, as the user asked
+        raise KeyboardInterrupt
     if sweep.best_config is None:
         print("[demo] the sweep found no scored trial; training with the default learning rates")
         return {}

@@ -95,6 +95,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr)
 
+    inception = None
+    if args.inception_weights:  # a wrong file is found before minutes of scoring, not after
+        from gan_ray.metrics import load_inception
+
+        inception = load_inception(args.inception_weights)
     if args.samples is not None:
         images, labels = load_samples(args.samples)
         dataset = args.dataset or "digits"
@@ -107,8 +112,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         gen = open_generator(checkpoint=args.checkpoint, model=args.model)
         result = evaluate_generator(gen, args.dataset, n=args.n, seed=args.seed, data_dir=args.data_dir, log=log)
         source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"model {args.model}"
-    if args.inception_weights:
-        result["fid_inception"] = _inception(args, result)
+    if inception is not None:
+        result["fid_inception"] = _inception(args, result, inception)
     result["source"] = source
     if args.json:
         print(json.dumps({k: _finite(v) for k, v in result.items()}, sort_keys=False))
@@ -126,7 +131,7 @@ def _check_known_shape(dataset: str, shape: tuple[int, ...]) -> None:
                         f"{list(KNOWN_SHAPES[dataset][0])}")
 
 
-def _inception(args: argparse.Namespace, result: dict) -> float:
+def _inception(args: argparse.Namespace, result: dict, net) -> float:
     """The optional Inception-v3 FID on the same images (regenerated from the same seed) vs the held-out split."""
     from gan_ray.data import load_dataset, to_float
     from gan_ray.metrics import inception_fd
@@ -139,7 +144,7 @@ def _inception(args: argparse.Namespace, result: dict) -> float:
         images = open_generator(checkpoint=args.checkpoint, model=args.model).generate(args.n, seed=args.seed)
     real = load_dataset(result["dataset"], "heldout", data_dir=args.data_dir or "~/.cache/gan-ray/data",
                         image_size=int(images.shape[-1]))
-    return inception_fd(images, to_float(real.images), args.inception_weights)
+    return inception_fd(images, to_float(real.images), net)
 
 
 def _finite(v: Any) -> Any:

@@ -23,6 +23,7 @@ returns named values; names are validated before any work starts.
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,31 +471,46 @@ def score_labels(images: torch.Tensor, requested: Sequence[int] | torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------- optional real FID
-def inception_fd(images: torch.Tensor, real_images: torch.Tensor, weights: str | Path,
-                 device: torch.device | str = "cpu", batch_size: int = 100) -> float:
-    """FID in torchvision's Inception-v3 pool features (2048-d), with weights the user supplies on disk
-    (a state_dict as .safetensors or a tensors-only .pt/.pth). Not the default: with a few thousand images the
-    2048x2048 covariances are rank-deficient and the value is dominated by sample-size bias, and ImageNet features
-    say little about 28x28 digits. Numbers match papers only with the weights they used (pytorch-fid's port of
-    the TF graph differs from torchvision's). Untested here (no weights offline)."""
+def load_inception(weights: str | Path) -> torch.nn.Module:
+    """torchvision's Inception-v3 with the user's weights (a state_dict as .safetensors or a tensors-only .pt/.pth),
+    its classifier removed: the 2048-d pool features. Any file that is not such weights is a UserError (checked
+    before anything is scored, so a wrong path costs seconds, not a whole evaluation)."""
     import torchvision
+    from safetensors import SafetensorError
 
     path = Path(weights).expanduser()
     if not path.is_file():
         raise UserError(f"--inception-weights {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise UserError(f"--inception-weights {path}: not a readable weights file "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--inception-weights {path}: expected a state_dict, got {type(state).__name__}")
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     try:
         net.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise UserError(f"{path} does not hold torchvision Inception-v3 weights: {str(exc).splitlines()[0]}") from None
     net.fc = torch.nn.Identity()
-    net = net.eval().to(device)
+    return net.eval()
+
+
+def inception_fd(images: torch.Tensor, real_images: torch.Tensor, weights: str | Path | torch.nn.Module,
+                 device: torch.device | str = "cpu", batch_size: int = 100) -> float:
+    """FID in torchvision's Inception-v3 pool features (2048-d), with weights the user supplies on disk
+    (see `load_inception`; a module it returned may be passed instead). Not the default: with a few thousand images
+    the 2048x2048 covariances are rank-deficient and the value is dominated by sample-size bias, and ImageNet
+    features say little about 28x28 digits. Numbers match papers only with the weights they used (pytorch-fid's
+    port of the TF graph differs from torchvision's). Untested here against real weights (none offline)."""
+    net = weights if isinstance(weights, torch.nn.Module) else load_inception(weights)
+    net = net.to(device)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
 

@@ -27,10 +27,13 @@ from typing import Any, Callable
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.train.v2.api.callback import UserCallback
 
 from gan_ray.config import TrainConfig
 from gan_ray.errors import UserError
+from gan_ray.images import write_atomic
 from gan_ray.tune_placement import (PG_FILE, PlacementGroupRecorder, SweepGroups, release_placement_groups,
                                     run_index)
 from gan_ray.tune_space import DRIVER_CPU, Choice, Range, SearchSpace, SweepSettings, space_to_json
@@ -131,17 +134,28 @@ class CheckpointBridge(UserCallback):
     hold checkpoints: it saves the strong trials' and restores the weak ones from them). The driver thread then
     calls `tune.report(metrics, checkpoint=...)`: only that thread may report to Tune."""
 
+    ACK_TIMEOUT_S = 600.0  # a driver that stops taking reports (Tune stopped the trial) must not hold Train forever
+
     def __init__(self):
         from ray.util.queue import Queue
 
-        # size 1: Train's controller waits in after_report until the driver took the previous report
         self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        self.acks = Queue(maxsize=1, actor_options={"num_cpus": 0})
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
+        """Blocks until the driver has reported this row to Tune (which copies the checkpoint). Train's controller
+        prunes checkpoints (--keep) when it registers the next report, before calling this again: without the
+        wait, a checkpoint still queued for the driver could be deleted before Tune copied it."""
+        from ray.util.queue import Empty
+
         row = dict(metrics[0])
         if checkpoint is not None:
             row["checkpoint_path"] = checkpoint.path
         self.queue.put(row)
+        try:
+            self.acks.get(timeout=self.ACK_TIMEOUT_S)
+        except Empty:
+            pass
 
     def after_exception(self, run_context, worker_exceptions) -> None:
         pass
@@ -199,6 +213,7 @@ def _fit_and_forward(trainer, bridge) -> None:
     from queue import Empty
 
     from ray import tune
+    from ray.util.queue import Full
 
     outcome: dict[str, Any] = {}
 
@@ -221,7 +236,13 @@ def _fit_and_forward(trainer, bridge) -> None:
             except Empty:
                 break
         path = row.get("checkpoint_path")
-        tune.report(row, checkpoint=tune.Checkpoint.from_directory(path) if path else None)
+        try:
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(path) if path else None)
+        finally:
+            try:
+                bridge.acks.put_nowait(True)  # Train may go on (and prune checkpoints): this one is Tune's now
+            except Full:  # an ack after_report gave up waiting for is still there: Train is not waiting
+                pass
     runner.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -335,19 +356,41 @@ def make_scheduler(settings: SweepSettings, space: SearchSpace, concurrency: int
     return FIFOScheduler()
 
 
+# The cap on running trials for this run of the sweep, from run_sweep to the searcher Tune restores (in this same
+# driver process). Tune restores a searcher, its cap included, from the sweep's saved state, after Tuner.restore
+# and out of reach of any public API; a resume on a smaller cluster (or with more workers per trial) must use the
+# cap computed now: a stale, larger one starts trials whose workers can never be placed, the hang the cap prevents.
+CONCURRENCY_ENV = "GAN_RAY_SWEEP_MAX_CONCURRENT"
+
+
+class _CapOfThisRun:
+    """Mixin for a searcher with `max_concurrent`: after Tune restores its state, the cap is this run's. (Tune
+    restores state through `set_state`, directly or from `restore_from_dir`, for both kinds used here.)"""
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)  # type: ignore[misc]
+        if os.environ.get(CONCURRENCY_ENV):
+            self.max_concurrent = int(os.environ[CONCURRENCY_ENV])
+
+
+class SweepVariantGenerator(_CapOfThisRun, BasicVariantGenerator):
+    """Random search (seeded), capped; the cap is this run's after a resume."""
+
+
+class SweepConcurrencyLimiter(_CapOfThisRun, ConcurrencyLimiter):
+    """A capped searcher (Optuna); the cap is this run's after a resume."""
+
+
 def make_searcher(settings: SweepSettings, concurrency: int):
     """The search algorithm, capped at `concurrency` running trials (Tune ignores `max_concurrent_trials` for a
     BasicVariantGenerator passed in explicitly)."""
     if settings.search == "optuna":
         import optuna
-        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study on the sweep's own log
-        return ConcurrencyLimiter(OptunaSearch(seed=settings.seed), max_concurrent=concurrency)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency)  # same --seed, same trials
+        return SweepConcurrencyLimiter(OptunaSearch(seed=settings.seed), max_concurrent=concurrency)
+    return SweepVariantGenerator(random_state=settings.seed, max_concurrent=concurrency)  # same --seed, same trials
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -381,7 +424,10 @@ def row_from_trial(trial, dims: list[str], max_epochs: int, history: list[dict] 
         with_ckpt = [(fd, r["checkpoint_path"]) for fd, r in scored
                      if isinstance(r.get("checkpoint_path"), str) and Path(r["checkpoint_path"]).is_dir()]
         if with_ckpt:
-            best_ckpt = min(with_ckpt, key=lambda t: t[0])[1]
+            # The trial's best is its best checkpoint's fd: that is the model it can hand over. An epoch without
+            # a checkpoint (--checkpoint-every N > 1) may have scored better, but nothing of it was kept, and the
+            # sweep's winner, results.csv and the export's model.json must all speak of the same model.
+            best_fd, best_ckpt = min(with_ckpt, key=lambda t: t[0])
     epochs = int(_num(last.get(TIME_ATTR)) or 0)
     return TrialRow(trial_id=trial.trial_id,
                     status=_status(trial.status, epochs, max_epochs),
@@ -571,7 +617,10 @@ def prepare(space: SearchSpace, settings: SweepSettings) -> dict[str, Any]:
         raise UserError(f"{settings.path} exists and is not a directory")
     saved = settings.path / SWEEP_FILE
     if saved.exists():
-        old = json.loads(saved.read_text()).get("fingerprint")
+        try:
+            old = json.loads(saved.read_text()).get("fingerprint")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise UserError(f"{saved} is not a sweep description this gan-ray wrote; use another --name") from None
         new = json.loads(json.dumps(_fingerprint(space, settings)))
         if old != new:
             changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
@@ -597,8 +646,9 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
     dims = list(space.dims)
     exp = settings.path
     exp.mkdir(parents=True, exist_ok=True)
-    (exp / SWEEP_FILE).write_text(json.dumps({"fingerprint": _fingerprint(space, settings), "base": base,
-                                              "settings": asdict(settings)}, indent=2, sort_keys=True) + "\n")
+    write_atomic(exp / SWEEP_FILE, (json.dumps({"fingerprint": _fingerprint(space, settings), "base": base,
+                                                "settings": asdict(settings), "concurrency": concurrency},
+                                               indent=2, sort_keys=True) + "\n").encode())
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=base, scheduler=settings.scheduler, experiment=str(exp)),
         tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}]))
@@ -626,7 +676,11 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
         )
     t0 = time.time()
     groups = SweepGroups([{"CPU": DRIVER_CPU}])
-    grid = tuner.fit()
+    os.environ[CONCURRENCY_ENV] = str(concurrency)  # read by a restored searcher (_CapOfThisRun)
+    try:
+        grid = tuner.fit()
+    finally:
+        os.environ.pop(CONCURRENCY_ENV, None)
     # Groups of trials stopped in the sweep's last second (the callback runs about once a second), or never recorded
     # (tune_placement): without this the CPUs stay reserved, and the demo's training waited for them forever.
     groups.remove_all()

@@ -107,6 +107,58 @@ def test_parse_text_keeps_dataset_paths():
     assert parse_text("dataset", "folder:/data/a,b") == "folder:/data/a,b"
 
 
+def test_a_trials_best_is_its_best_checkpoint(tmp_path):
+    """With --checkpoint-every 2 an epoch without a checkpoint may score best; the trial's best_fd (what picks the
+    sweep's winner and lands in model.json) must be the fd of the checkpoint it can hand over."""
+    from types import SimpleNamespace
+
+    from gan_ray.tune import row_from_trial
+
+    ck2, ck4 = tmp_path / "checkpoint_2", tmp_path / "checkpoint_4"
+    ck2.mkdir(), ck4.mkdir()
+    history = [{"fd": 20.0, "epoch": 1}, {"fd": 80.0, "epoch": 2, "checkpoint_path": str(ck2)},
+               {"fd": 25.0, "epoch": 3}, {"fd": 60.0, "epoch": 4, "checkpoint_path": str(ck4)}]
+    trial = SimpleNamespace(trial_id="t1", status="TERMINATED", config={"lr_g": 1e-3}, path=str(tmp_path),
+                            last_result={"epoch": 4, "fd": 60.0}, metric_analysis={"fd": {"min": 20.0}})
+    row = row_from_trial(trial, ["lr_g"], 4, history)
+    assert (row.best_fd, row.best_checkpoint) == (60.0, str(ck4))
+    assert row.last_fd == 60.0 and row.status == "completed"
+    no_checkpoint = row_from_trial(trial, ["lr_g"], 4, history[:1])
+    assert (no_checkpoint.best_fd, no_checkpoint.best_checkpoint) == (20.0, None)  # not exportable anyway
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_a_resumed_searcher_takes_this_runs_cap_on_running_trials(search, tmp_path, monkeypatch):
+    """Tune restores a searcher from the sweep's saved state, its cap on running trials included. A resume on a
+    smaller cluster must run at the cap computed now (run_sweep passes it on), or trials would start whose workers
+    can never be placed."""
+    if search == "optuna":
+        pytest.importorskip("optuna")
+    from gan_ray.tune import CONCURRENCY_ENV, METRIC, MODE, make_searcher, to_tune_space
+    from gan_ray.tune_space import SweepSettings
+
+    from ray.tune.search.search_generator import SearchGenerator
+
+    def search_alg(cap: int):
+        """As Tune holds it: a Searcher (Optuna's, capped) wrapped in a SearchGenerator; random search as is."""
+        s = make_searcher(SweepSettings(search=search, seed=1).validate(), cap)
+        s.set_search_properties(METRIC, MODE, to_tune_space(build_space(OPTUNA_SPACE)))
+        return s if search == "random" else SearchGenerator(s)
+
+    def cap(alg) -> int:
+        return alg.max_concurrent if search == "random" else alg.searcher.max_concurrent
+
+    search_alg(4).save_to_dir(str(tmp_path), session_str="s1")  # the first run: 4 trials at a time
+    monkeypatch.delenv(CONCURRENCY_ENV, raising=False)
+    stale = search_alg(2)  # built with the cap this run computed ...
+    stale.restore_from_dir(str(tmp_path))  # what Tune's controller does on resume
+    assert cap(stale) == 4  # ... and overwritten by the saved cap: what Tune alone resumes with
+    monkeypatch.setenv(CONCURRENCY_ENV, "1")  # the resume's cluster holds one trial
+    resumed = search_alg(2)
+    resumed.restore_from_dir(str(tmp_path))
+    assert cap(resumed) == 1
+
+
 # ----------------------------------------------------------------------------------------- CLI bad input (exit 2)
 @pytest.mark.parametrize("args, message", [
     (["--lr-g", "1e-2:1e-5"], "reversed"),
@@ -129,6 +181,15 @@ def test_cli_unknown_key_in_space_file(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "unknown key 'latnet_dim'" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_unreadable_sweep_description_is_refused(tmp_path):
+    """A sweep.json cut short (it is now written atomically, but older or foreign ones may be) is one line."""
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.json").write_text('{"fingerprint": {"trials"')
+    r = run_cli("tune", "--storage", str(tmp_path), "--name", "sweep", *TINY)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "is not a sweep description this gan-ray wrote" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
