@@ -68,10 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_hooks(cfg: TrainConfig) -> list:
-    try:
-        from gan_ray.train_eval import hooks_for
-    except ImportError:
-        return []
+    from gan_ray.train_eval import hooks_for
+
     return hooks_for(cfg)
 
 

@@ -253,8 +253,9 @@ def test_submitted_serve_answers_http(local_cluster, tmp_path):
             time.sleep(1)
         resp = requests.post(f"{url}/v1/generate", json={"n": 4, "seed": 1, "format": "png"}, timeout=30)
         assert resp.status_code == 200 and resp.content.startswith(b"\x89PNG")
-        info = requests.get(f"{url}/v1/model", timeout=10).json()
-        assert info  # the served model's model.json
+        info = requests.get(f"{url}/v1/model", timeout=10)
+        assert info.status_code == 200
+        assert info.json() == json.loads((model / "model.json").read_text())  # the model this job was told to serve
     finally:
         client.stop_job(sub_id)
 

@@ -159,8 +159,12 @@ def test_compiled_fast_step_matches_eager_mlp():
     eager = new_state(spec, d_steps=2)
     fast_path = FastPath(compile=True, compile_backend="aot_eager")
     fast = new_state(spec, fast=fast_path, d_steps=2)
-    assert_same_training(fast, eager, run_steps(fast, FastStep(fast, fast_path), data),
-                         run_steps(eager, train_step, data), atol=1e-4)
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    fast_outs = run_steps(fast, FastStep(fast, fast_path), data)
+    assert counters["stats"]["unique_graphs"] > graphs_before, "the step really went through torch.compile"
+    assert_same_training(fast, eager, fast_outs, run_steps(eager, train_step, data), atol=1e-4)
 
 
 def _mean_image_gap(state, real_mean: torch.Tensor) -> float:
@@ -186,7 +190,15 @@ def test_bf16_trains_digits_like_fp32():
         hist = [run_epoch(state, data, epoch=e, rank=0, world_size=1, batch_size=64, seed=0, step_fn=step_fn)
                 for e in range(1, 9)]
         runs[precision] = (hist, gap0, _mean_image_gap(state, real_mean))
+        dtypes: set[torch.dtype] = set()  # what D's layers computed in, on one more step
+        hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+                 for m in state.D.modules() if isinstance(m, torch.nn.Linear)]
+        step_fn(state, data.images[:64].float(), None)
+        for h in hooks:
+            h.remove()
+        assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}, (precision, dtypes)
     (h32, g0, g32), (h16, _, g16) = runs["fp32"], runs["bf16"]
+    assert any(a.loss_d != b.loss_d for a, b in zip(h32, h16)), "bf16 really computed differently"
     for e, (a, b) in enumerate(zip(h32, h16), start=1):
         print(f"epoch {e}: fp32 d={a.loss_d:.3f} g={a.loss_g:.3f} | bf16 d={b.loss_d:.3f} g={b.loss_g:.3f}")
         assert abs(a.loss_d - b.loss_d) < 0.15 and abs(a.loss_g - b.loss_g) < 0.25, f"epoch {e}"
@@ -284,8 +296,11 @@ def test_cuda_graph_resumes_a_checkpoint_from_a_non_capturable_run(tmp_path):
     ckpt_io.save(tmp_path / "ck", plain, epoch=1, config={})
     fast = FastPath("fp32", cuda_graph=True)
     state = new_state(spec, device="cuda", fast=fast, seed=7)
-    _, sd = ckpt_io.load(tmp_path / "ck", map_location="cuda")
+    _, sd = ckpt_io.load(tmp_path / "ck", map_location="cuda")  # RNG states too: they must go back as CPU tensors
     ckpt_io.load_state_dict(state, sd)
+    for mine, theirs in ((state.G, plain.G), (state.D, plain.D), (state.G_ema, plain.G_ema)):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    assert all(g["capturable"] for g in state.opt_g.param_groups)  # this run's setting, not the file's
     outs = run_steps(state, FastStep(state, fast), data * 2)
     assert state.step == 12 and all(o["loss_d"] == o["loss_d"] for o in outs)
 

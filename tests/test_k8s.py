@@ -382,11 +382,9 @@ def test_serve_config_parses_with_rays_schema_and_imports():
         module = importlib.import_module(module_name)
         builder = getattr(module, attr)
         assert callable(builder)
-        args_model = getattr(module, "ServeArgs", None)
-        if args_model is not None:  # the app's own argument schema: unknown or inconsistent args fail here
-            parsed = args_model.model_validate(app.args)
-            assert parsed.min_replicas < parsed.max_replicas  # autoscaling, not a fixed size
-            assert parsed.gpus_per_replica > 0
+        parsed = module.ServeArgs.model_validate(app.args)  # the app's own schema: unknown or bad args fail here
+        assert parsed.min_replicas < parsed.max_replicas  # autoscaling, not a fixed size
+        assert parsed.gpus_per_replica > 0
 
 
 def test_serve_service_is_a_valid_core_service():

@@ -305,6 +305,24 @@ def test_non_finite_numbers_and_unparseable_bodies_over_http(served):
         assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid", (r.status_code, r.text)
 
 
+def test_malformed_content_length_over_http(served):
+    """A Content-Length that is not a byte count, sent raw (no HTTP library would send it), through the real
+    ingress: a 400, never a 5xx or a hang. Which layer answers depends on the ingress (a proxy may refuse the
+    request before the app sees it), so the status is what is promised here, not the body's wording."""
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(served.cond).hostname, urlsplit(served.cond).port
+    request = (b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: ten\r\nConnection: close\r\n\r\n{}")
+    with socket.create_connection((host, port), timeout=30) as conn:
+        conn.sendall(request)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    status = reply.split(b"\r\n", 1)[0]
+    assert status.split()[1] == b"400", reply[:500]
+
+
 def test_schemathesis_fuzz_finds_no_server_error(served):
     """Property-based fuzzing of the OpenAPI schema, valid and invalid inputs: never a 5xx."""
     import schemathesis
