@@ -713,8 +713,12 @@ def export_best(result: SweepResult, settings: SweepSettings, out: str | Path) -
 
     best = result.best
     assert best is not None and result.best_checkpoint is not None
+    # The searched values the exported checkpoint was trained with: under PBT a trial's config is its latest
+    # mutation, which may postdate its best checkpoint.
+    trained = result.best_config.to_dict() if result.best_config is not None else {}
+    winning = {k: trained.get(k, v) for k, v in best.config.items()}
     sweep_info = {"path": str(result.path), "name": settings.name, "trial_id": best.trial_id,
                   "scheduler": settings.scheduler, "search": settings.search, "trials": len(result.rows),
-                  "metric": METRIC, "mode": MODE, "best_fd": best.best_fd, "winning_config": best.config,
+                  "metric": METRIC, "mode": MODE, "best_fd": best.best_fd, "winning_config": winning,
                   "epochs": best.epochs, "results_csv": str(result.results_csv)}
     return export(result.best_checkpoint, out, extra={"sweep": sweep_info})

@@ -159,6 +159,31 @@ def test_a_resumed_searcher_takes_this_runs_cap_on_running_trials(search, tmp_pa
     assert cap(resumed) == 1
 
 
+def test_export_records_the_config_its_checkpoint_was_trained_with(tmp_path):
+    """Under PBT a trial's config is its latest mutation, which may postdate its best checkpoint: model.json's
+    winning_config must be what the exported weights were trained with."""
+    from gan_ray import checkpoint as ckpt_io
+    from gan_ray.config import TrainConfig
+    from gan_ray.models import ModelSpec, build
+    from gan_ray.step import make_state
+    from gan_ray.tune import SweepResult, TrialRow, export_best
+    from gan_ray.tune_space import SweepSettings
+
+    spec = ModelSpec("mlp", 16, (1, 28, 28), 0)
+    state = make_state(spec, *build(spec), lr_g=3e-4, lr_d=1e-4, beta1=0.5)
+    trained = TrainConfig(lr_g=3e-4, lr_d=1e-4, latent_dim=16, name="train")
+    ckpt = ckpt_io.save(tmp_path / "trial" / "checkpoint_1", state, epoch=1, config=trained.to_dict(),
+                        metrics={"fd": 50.0})
+    row = TrialRow(trial_id="t1", status="completed", config={"lr_g": 9e-4, "lr_d": 2e-5}, best_fd=50.0,
+                   last_fd=70.0, epochs=4, best_checkpoint=str(ckpt), path=str(tmp_path / "trial"))
+    result = SweepResult(path=tmp_path, rows=[row], best=row, best_checkpoint=ckpt, best_config=trained,
+                         results_csv=tmp_path / "results.csv", plot=None)
+    out = export_best(result, SweepSettings(scheduler="pbt", name="s"), tmp_path / "model")
+    sweep = json.loads((out / "model.json").read_text())["sweep"]
+    assert sweep["winning_config"] == {"lr_g": 3e-4, "lr_d": 1e-4}  # the checkpoint's, not the later mutation
+    assert sweep["best_fd"] == 50.0 and sweep["trial_id"] == "t1"
+
+
 # ----------------------------------------------------------------------------------------- CLI bad input (exit 2)
 @pytest.mark.parametrize("args, message", [
     (["--lr-g", "1e-2:1e-5"], "reversed"),
