@@ -11,7 +11,7 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from gan_ray.config import TrainConfig, field_types
-from gan_ray.errors import UserError
+from gan_ray.errors import UserError, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as exc:
         cmd = f"gan-ray {sys.argv[1]}" if argv is None and len(sys.argv) > 1 else "gan-ray"
-        print(f"{cmd}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"{cmd}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

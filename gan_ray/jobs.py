@@ -11,17 +11,17 @@ turns authentication off: a cluster that wants a token we do not have is a one-l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 from urllib.parse import urlparse
 
-from gan_ray.errors import UserError
+from gan_ray.env import scoped_env
+from gan_ray.errors import UserError, one_line
 
 # gitignore-style patterns (relative to the project root) kept out of the uploaded working_dir: environments,
 # outputs and caches are large, machine-specific, or private; the cluster has its own.
@@ -191,7 +191,9 @@ def connect(address: str):
     headers, source = auth_headers(address)
     not_jobs_api = f"{address} is not a Ray Jobs API endpoint"
     try:
-        with _address_wins(address):
+        # Ray's client prefers RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, over the address it is given; the address
+        # resolved here (from --address, else those variables) is the one to use, so it is what the client sees.
+        with scoped_env("RAY_API_SERVER_ADDRESS", address):
             return JobSubmissionClient(address, headers=headers)
     except AuthenticationError:
         raise UserError(_NO_TOKEN_HELP if not headers else
@@ -199,7 +201,7 @@ def connect(address: str):
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray Jobs API at {address}: {exc}") from None
     except RuntimeError as exc:
-        raise UserError(f"{not_jobs_api}: {_one_line(exc)}") from None
+        raise UserError(f"{not_jobs_api}: {one_line(exc, 200)}") from None
     # The client's version check (GET /api/version) on something that is not Ray's dashboard: a proxy or another
     # web server answering an error status, HTML instead of JSON, or JSON without a parseable "ray_version".
     except requests.HTTPError as exc:
@@ -208,28 +210,9 @@ def connect(address: str):
                         f"{response.reason or ''}".rstrip()) from None
     except (requests.exceptions.InvalidJSONError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{not_jobs_api}: GET /api/version did not answer with Ray's version JSON "
-                        f"({type(exc).__name__}: {_one_line(exc)})") from None
+                        f"({type(exc).__name__}: {one_line(exc, 200)})") from None
     except requests.RequestException as exc:  # timeouts, redirect loops, URLs requests cannot use
-        raise UserError(f"cannot reach the Ray Jobs API at {address}: {_one_line(exc)}") from None
-
-
-@contextlib.contextmanager
-def _address_wins(address: str) -> Iterator[None]:
-    """Ray's client prefers RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, over the address it is given; the address
-    resolved here (from --address, else those variables) is the one to use, so it is what the client sees."""
-    old = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = address
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = old
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    return " ".join(str(exc).split())[:limit]
+        raise UserError(f"cannot reach the Ray Jobs API at {address}: {one_line(exc, 200)}") from None
 
 
 # ------------------------------------------------------------------------------------------------- submission
@@ -258,7 +241,7 @@ def submit(address: str, argv: Sequence[str], *, runtime_env: dict | None = None
     except AuthenticationError:
         raise UserError(_NO_TOKEN_HELP) from None
     except (RuntimeError, ValueError) as exc:
-        raise UserError(f"the cluster refused the job: {' '.join(str(exc).split())[:300]}") from None
+        raise UserError(f"the cluster refused the job: {one_line(exc, 300)}") from None
     return Submission(address, job_id, entrypoint)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gan_ray.errors import one_line
+
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -83,6 +85,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if status != "SUCCEEDED":
         info = client.get_job_info(sub.submission_id)
         if info.message:
-            print(f"  {' '.join(info.message.split())[:500]}", file=sys.stderr)
+            print(f"  {one_line(info.message, 500)}", file=sys.stderr)
     return jobs.exit_code(status)
 

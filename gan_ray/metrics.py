@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from gan_ray.errors import UserError
+from gan_ray.errors import UserError, one_line
 from gan_ray.features import single_thread
 
 K_NEIGHBOURS = 3
@@ -406,17 +406,14 @@ def sample_images(net: torch.nn.Module, spec, n: int, seed: int, device: torch.d
     """n images from a generator module (in eval mode, restored afterwards) with a private noise seed; labels
     cycle over the classes for a conditional model. The global RNG is not touched."""
     from gan_ray.registry import latent_for_seed
+    from gan_ray.step import eval_mode
 
     z = latent_for_seed(n, spec.latent_dim, seed)
     labels = torch.arange(n) % spec.num_classes if spec.conditional else None
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         out = [net(z[i:i + batch_size].to(device),
                    labels[i:i + batch_size].to(device) if labels is not None else None).float().cpu()
                for i in range(0, n, batch_size)]
-    finally:
-        net.train(was_training)
     return torch.cat(out), labels
 
 
@@ -490,7 +487,7 @@ def load_inception(weights: str | Path) -> torch.nn.Module:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise UserError(f"--inception-weights {path}: not a readable weights file "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+                        f"({type(exc).__name__}: {one_line(exc, 160)})") from None
     if not isinstance(state, dict):
         raise UserError(f"--inception-weights {path}: expected a state_dict, got {type(state).__name__}")
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from gan_ray.errors import UserError
+from gan_ray.errors import UserError, one_line
 from gan_ray.models import ModelSpec, build_generator
 
 MODEL_JSON = "model.json"
@@ -185,7 +185,7 @@ def load_generator(model_dir: str | Path, device: str | torch.device = "cpu") ->
         net = build_generator(spec)  # an architecture that cannot be built from these sizes is malformed too
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, RuntimeError,
             MemoryError) as exc:
-        raise UserError(f"{d / MODEL_JSON} is malformed: {' '.join(str(exc).split())[:300]}") from None
+        raise UserError(f"{d / MODEL_JSON} is malformed: {one_line(exc, 300)}") from None
     try:
         net.load_state_dict(load_file(str(d / WEIGHTS)))
     except (SafetensorError, RuntimeError, OSError) as exc:

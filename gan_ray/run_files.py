@@ -21,15 +21,13 @@ DIGITS_IMAGES = 1797  # scikit-learn's digits, split here into train and held ou
 
 def describe_dataset(cfg: TrainConfig) -> tuple[tuple[int, int, int], int]:
     """(image shape, number of classes) of the configured dataset; checks it can be trained as configured."""
-    from gan_ray.data import folder_files, folder_mode, train_count, validate_dataset_name
+    from gan_ray.data import IMAGE_SUFFIXES, folder_files, folder_mode, train_count, validate_dataset_name
 
     validate_dataset_name(cfg.dataset)
     if cfg.dataset in KNOWN_SHAPES:
         shape, k = KNOWN_SHAPES[cfg.dataset]
         n_train = KNOWN_TRAIN_IMAGES.get(cfg.dataset) or train_count(DIGITS_IMAGES)
     else:
-        from gan_ray.data import IMAGE_SUFFIXES
-
         files, k = folder_files(Path(cfg.dataset[len("folder:"):]).expanduser())
         if not files:
             raise UserError(f"--dataset {cfg.dataset}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")

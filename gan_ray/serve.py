@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from ray import serve
 
-from gan_ray.errors import UserError
+from gan_ray.errors import UserError, one_line
 from gan_ray.registry import Generator, latent_for_seed, load_generator
 
 log = logging.getLogger("ray.serve")
@@ -290,7 +290,7 @@ def _job_or_422(renderer: Renderer, req: GenerateRequest) -> Job:
     try:
         return renderer.job(req)
     except UserError as exc:
-        raise HTTPException(status_code=422, detail=" ".join(str(exc).split())) from None
+        raise HTTPException(status_code=422, detail=one_line(exc)) from None
 
 
 def _response(r: Rendered) -> Response:

@@ -32,6 +32,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.train.v2.api.callback import UserCallback
 
 from gan_ray.config import TrainConfig
+from gan_ray.env import scoped_env
 from gan_ray.errors import UserError
 from gan_ray.images import write_atomic
 from gan_ray.tune_placement import (PG_FILE, PlacementGroupRecorder, SweepGroups, release_placement_groups,
@@ -676,11 +677,8 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
         )
     t0 = time.time()
     groups = SweepGroups([{"CPU": DRIVER_CPU}])
-    os.environ[CONCURRENCY_ENV] = str(concurrency)  # read by a restored searcher (_CapOfThisRun)
-    try:
+    with scoped_env(CONCURRENCY_ENV, str(concurrency)):  # read by a restored searcher (_CapOfThisRun)
         grid = tuner.fit()
-    finally:
-        os.environ.pop(CONCURRENCY_ENV, None)
     # Groups of trials stopped in the sweep's last second (the callback runs about once a second), or never recorded
     # (tune_placement): without this the CPUs stay reserved, and the demo's training waited for them forever.
     groups.remove_all()

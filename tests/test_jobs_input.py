@@ -11,21 +11,18 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import run_cli
+from tests.test_artifacts import assert_one_line_error
 
 # Neither variable may redirect the client (Ray's JobSubmissionClient prefers them over its address argument).
 CLEAN_ENV = {"RAY_API_SERVER_ADDRESS": "", "RAY_ADDRESS": ""}
 JOB = ["--", "train", "--epochs", "1"]
 
 
-def assert_one_line_error(r, *fragments: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gan-ray submit: error: "), r.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+def assert_submit_refused(r, *fragments: str) -> None:
+    """One line, exit 2 (the project's check), from `gan-ray submit` itself, and nothing was submitted."""
+    assert_one_line_error(r, *fragments)
+    assert r.stderr.strip().startswith("gan-ray submit: error: "), r.stderr
     assert "submitted job" not in r.stdout
-    return lines[0]
 
 
 @pytest.mark.parametrize("address, reason", [
@@ -35,13 +32,13 @@ def assert_one_line_error(r, *fragments: str) -> str:
 ])
 def test_malformed_address_is_a_one_line_error(address, reason):
     r = run_cli("submit", "--address", address, *JOB, env=CLEAN_ENV, timeout=120)
-    assert_one_line_error(r, f"--address {address!r} is not a valid URL", reason)
+    assert_submit_refused(r, f"--address {address!r} is not a valid URL", reason)
 
 
 def test_malformed_address_from_the_environment_names_the_variable():
     r = run_cli("submit", *JOB, env={"RAY_API_SERVER_ADDRESS": "", "RAY_ADDRESS": "http://127.0.0.1:99999"},
                 timeout=120)
-    assert_one_line_error(r, "RAY_ADDRESS 'http://127.0.0.1:99999' is not a valid URL")
+    assert_submit_refused(r, "RAY_ADDRESS 'http://127.0.0.1:99999' is not a valid URL")
 
 
 # ------------------------------------------------------------------------ endpoints that are not Ray's dashboard
@@ -89,7 +86,7 @@ def web_server(request) -> Iterator[tuple[str, list[str]]]:
 def test_endpoint_that_is_not_the_jobs_api_is_a_one_line_error(web_server, fragments):
     url, seen = web_server
     r = run_cli("submit", "--address", url, *JOB, env=CLEAN_ENV, timeout=120)
-    assert_one_line_error(r, f"{url} is not a Ray Jobs API endpoint", *fragments)
+    assert_submit_refused(r, f"{url} is not a Ray Jobs API endpoint", *fragments)
     assert seen == ["/api/version"]  # the client really asked this server, once, and nothing was submitted
 
 
@@ -100,5 +97,5 @@ def test_the_address_flag_wins_over_the_environment(web_server, variable):
     must reach the server it names (here: the one answering 502), not the one in the environment (nothing there)."""
     url, seen = web_server
     r = run_cli("submit", "--address", url, *JOB, env={**CLEAN_ENV, variable: "http://127.0.0.1:9"}, timeout=120)
-    assert_one_line_error(r, f"{url} is not a Ray Jobs API endpoint", "HTTP 502")
+    assert_submit_refused(r, f"{url} is not a Ray Jobs API endpoint", "HTTP 502")
     assert seen == ["/api/version"]

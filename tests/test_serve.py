@@ -285,22 +285,19 @@ def test_malformed_oversized_and_wrong_method(served):
     assert 400 <= r.status_code < 500 and "detail" in r.json()
 
 
-NON_JSON_NUMBERS = [b'{"seed": NaN}', b'{"n": 1e400}', b'{"labels": [-Infinity]}', b'{"x": NaN}']
-
-
 def test_non_finite_numbers_and_unparseable_bodies_over_http(served):
-    """Through the real ingress and replica: NaN, Infinity and 1e400 (read by Python's json as floats, which
-    FastAPI's 422 echoes back) are a 422 whose body is still valid JSON, not a 500; invalid UTF-8 and nesting past
-    the recursion limit are 422 `json_invalid` like any other malformed JSON, not a bare 400."""
-    def refuse(token: str):
-        raise AssertionError(f"response holds the non-JSON token {token}")
+    """Through the real ingress and replica, the bodies tests/test_serve_inputs.py sends to the app alone: NaN,
+    Infinity and 1e400 (read by Python's json as floats, which FastAPI's 422 echoes back) are a 422 whose body is
+    still valid JSON, not a 500; invalid UTF-8 and nesting past the recursion limit are 422 `json_invalid` like any
+    other malformed JSON, not a bare 400."""
+    from tests.test_serve_inputs import NON_FINITE, UNPARSEABLE, strict_json
 
     url = served.cond + "/v1/generate"
-    for body in NON_JSON_NUMBERS:
+    for body in NON_FINITE:
         r = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
         assert r.status_code == 422, (body, r.status_code, r.text)
-        assert json.loads(r.content, parse_constant=refuse)["detail"][0]["loc"][0] == "body"
-    for body in (b'{"n": 1, "x": "\xff"}', b"[" * 30_000):
+        assert strict_json(r.content)["detail"][0]["loc"][0] == "body"
+    for body in UNPARSEABLE.values():
         r = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
         assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid", (r.status_code, r.text)
 
