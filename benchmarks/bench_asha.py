@@ -15,8 +15,8 @@ from pathlib import Path
 
 
 def run(scheduler: str, args, storage: str) -> dict:
-    from gan_ray.tune import run_sweep
-    from gan_ray.tune_space import SweepSettings, build_space
+    from gan_ray.tune.sweep import run_sweep
+    from gan_ray.tune.space import SweepSettings, build_space
 
     space = build_space({"batch_size": str(args.batch_size), "eval_samples": str(args.eval_samples),
                          "sample_every": "0", "dataset": args.dataset})

@@ -34,7 +34,7 @@ def sqrtm_fd(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 def fd_over_splits(gen: np.ndarray, real: np.ndarray, splits) -> tuple[list[float], list[float]]:
     """The baseline: each FD computed on its own with scipy's sqrtm."""
-    from gan_ray.metrics import feature_stats
+    from gan_ray.eval.metrics import feature_stats
 
     values, floors = [], []
     for sp in splits:
@@ -46,7 +46,7 @@ def fd_over_splits(gen: np.ndarray, real: np.ndarray, splits) -> tuple[list[floa
 
 def fd_ours(gen: np.ndarray, real: np.ndarray, splits) -> tuple[list[float], list[float]]:
     """gan-ray's metric, as the evaluation runs it (`metrics.fd` on a context)."""
-    from gan_ray.metrics import Embedded, EvalContext, fd
+    from gan_ray.eval.metrics import Embedded, EvalContext, fd
 
     out = []
     for sp in splits:  # one split at a time, to return per-split values for the agreement check
@@ -72,10 +72,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from gan_ray.features import load_extractor
-    from gan_ray.metrics import Embedded, clear_references, evaluate_generator, make_splits
-    from gan_ray.models import ModelSpec, build_generator
-    from gan_ray.registry import Generator
+    from gan_ray.eval.features import load_extractor
+    from gan_ray.eval.metrics import Embedded, clear_references, evaluate_generator, make_splits
+    from gan_ray.core.models import ModelSpec, build_generator
+    from gan_ray.core.model_dir import Generator
 
     t0 = time.perf_counter()
     ex = load_extractor("digits")  # trains once if the cache is empty: not part of the timed figure
@@ -91,7 +91,7 @@ def main() -> None:
     warm_s, result = timed(lambda: evaluate_generator(gen, "digits", n=args.n, seed=0), args.repeats)
 
     # The FD part alone, both ways, on identical features and splits.
-    from gan_ray.metrics import reference_for
+    from gan_ray.eval.metrics import reference_for
 
     ref = reference_for("digits")
     feats = Embedded(*ex.embed(gen.generate(args.n, seed=0))).features

@@ -36,7 +36,7 @@ stamp "environment ready"
 bench() {  # args: label, time limit, bench flags...
   local label=$1 limit=$2; shift 2
   stamp "bench $label"
-  timeout "$limit" python3 -m gan_ray.bench --device cuda --json --steps 200 --repeats 3 "$@" \
+  timeout "$limit" python3 -m gan_ray.cli bench --device cuda --json --steps 200 --repeats 3 "$@" \
     > "$OUT/.bench_$label.jsonl" 2>> "$OUT/bench_stderr.txt"
   local rc=$?
   cat "$OUT/.bench_$label.jsonl" >> "$OUT/bench.jsonl"

@@ -7,12 +7,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = ["load_generator", "Generator", "UserError", "__version__"]
 
-from gan_ray.errors import UserError
+from gan_ray.core.errors import UserError
 
 
 def __getattr__(name: str):
     if name in ("load_generator", "Generator"):
-        from gan_ray import registry
+        from gan_ray.core import model_dir
 
-        return getattr(registry, name)
+        return getattr(model_dir, name)
     raise AttributeError(name)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
-from gan_ray.env import scoped_env
-from gan_ray.errors import UserError, one_line
+from gan_ray.core.env import scoped_env
+from gan_ray.core.errors import UserError, one_line
 
 # gitignore-style patterns (relative to the project root) kept out of the uploaded working_dir: environments,
 # outputs and caches are large, machine-specific, or private; the cluster has its own.
@@ -60,11 +60,9 @@ def project_runtime_env(working_dir: str | Path | None = None, *, env_vars: dict
 
 
 # --------------------------------------------------------------------------------------------- the entrypoint
-def validate_entrypoint(argv: Sequence[str]) -> list[str]:
-    """Parse the command with the real `gan-ray` parser before anything is sent: a typo should cost a second
-    here, not a cluster round trip. Train flags are also checked against TrainConfig's rules."""
-    from gan_ray.cli import build_parser, resolve_train_config
-
+def validate_entrypoint(argv: Sequence[str], check: Callable[[list[str]], None] | None = None) -> list[str]:
+    """The gan-ray command to run, without a leading `--` or `gan-ray`. `check` (the CLI passes its own parser)
+    refuses a command that would fail on the cluster: a typo should cost a second here, not a round trip."""
     argv = list(argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -75,12 +73,8 @@ def validate_entrypoint(argv: Sequence[str]) -> list[str]:
         argv = argv[1:]
     if argv and argv[0] == "submit":
         raise UserError("a job cannot submit another job: give the command to run after `--` (e.g. train)")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help inside the job command: argparse printed it already
-        raise UserError(f"the job command {shlex.join(argv)!r} only printed help") from exc
-    if argv[0] == "train" and (not getattr(args, "config", None) or Path(args.config).is_file()):
-        resolve_train_config(args)  # same rules as a local `gan-ray train` (e.g. --epochs 0 is rejected)
+    if check is not None:
+        check(argv)
     return argv
 
 
@@ -90,16 +84,11 @@ def entrypoint_command(argv: Sequence[str], python: str = DEFAULT_PYTHON) -> str
     return shlex.join([python, "-m", "gan_ray.cli", *argv])
 
 
-def relative_storage_warning(argv: Sequence[str]) -> str | None:
-    """Runs and models written to relative paths land in the job's temporary working_dir on the cluster."""
-    from gan_ray.cli import build_parser
-
-    args = build_parser().parse_args(list(argv))
-    for flag in ("storage", "out", "export"):
-        value = getattr(args, flag, None)
-        if value is None and flag == "storage" and argv[0] in ("train", "tune"):
-            value = "./runs"  # the default
-        if isinstance(value, str) and value and not value.startswith(("/", "~")) and "://" not in value:
+def relative_storage_warning(argv: Sequence[str], outputs: dict[str, str]) -> str | None:
+    """Runs and models written to relative paths land in the job's temporary working_dir on the cluster.
+    `outputs`: the command's output flags and their values."""
+    for flag, value in outputs.items():
+        if value and not value.startswith(("/", "~")) and "://" not in value:
             return (f"note: --{flag} {value} is relative: on the cluster it resolves inside the job's temporary "
                     f"working directory; use a path on shared storage (e.g. /mnt/shared/...) to keep the output")
     return None

@@ -24,7 +24,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        from gan_ray.serve_ingress import apply_to_local_cluster
+        from gan_ray.cluster import apply_to_local_cluster
 
         apply_to_local_cluster()  # what `gan-ray serve` gives a cluster it starts: HAProxy in front of Serve
         ray.init(num_cpus=4, include_dashboard=True, configure_logging=True, logging_level="WARNING")

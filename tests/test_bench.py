@@ -27,16 +27,16 @@ SUMMARY = ROOT / "benchmarks" / "gpu_summary.py"
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--cuda-graph", "on"], "CUDA"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
-    from gan_ray.bench import main
+    from gan_ray.cli import main
 
-    assert main(args) == 2
+    assert main(["bench", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gan-ray bench: error:") and message in err[0], err
 
 
 @pytest.mark.parametrize("arch, size", [("mlp", 28), ("dcgan", 32), ("dcgan", 64)])
 def test_bench_images_fill_the_model_shape(arch, size):
-    from gan_ray.bench import _images, _spec
+    from gan_ray.bench.training import _images, _spec
 
     shape = _spec(arch, size).image_shape
     images = _images(100, shape)
@@ -46,9 +46,9 @@ def test_bench_images_fill_the_model_shape(arch, size):
 
 @pytest.mark.slow
 def test_bench_measures_both_sides_and_the_summary_tabulates_them(ray_cluster, tmp_path, capsys):
-    from gan_ray.bench import main
+    from gan_ray.cli import main
 
-    assert main(["--json", "--batch-size", "16,32", "--steps", "8", "--repeats", "2", "--threads", "1",
+    assert main(["bench", "--json", "--batch-size", "16,32", "--steps", "8", "--repeats", "2", "--threads", "1",
                  "--address", ray_cluster.get_runtime_context().gcs_address]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     rows = [json.loads(line) for line in lines]

@@ -168,7 +168,7 @@ def test_submitted_training_spans_nodes_and_checkpoints(local_cluster):
     from ray.util.state.common import StateResource
 
     from gan_ray.jobs import auth_headers
-    from gan_ray.ray_train import latest_checkpoint
+    from gan_ray.core.run_dir import latest_checkpoint
 
     address, storage = local_cluster["address"], local_cluster["storage"]
     r = run_cli("submit", "--address", address, "--wait", "--", "train", "--workers", "2", "--epochs", "2",
@@ -228,7 +228,7 @@ def test_submitted_serve_answers_http(local_cluster, tmp_path):
     ckpt = local_cluster.get("checkpoint")
     if ckpt is None:
         pytest.skip("needs the checkpoint of test_submitted_training_spans_nodes_and_checkpoints")
-    from gan_ray.registry import export
+    from gan_ray.core.model_dir import export
 
     model = export(ckpt, tmp_path / "model")  # in-process: the export itself is tested elsewhere
     port = _free_port(set())
@@ -299,7 +299,7 @@ def test_address_from_the_environment_must_be_the_jobs_api(monkeypatch, capsys):
 
 
 def test_token_lookup_follows_rays_order(monkeypatch, tmp_path):
-    from gan_ray.errors import UserError
+    from gan_ray.core.errors import UserError
     from gan_ray.jobs import auth_headers, load_auth_token
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -335,7 +335,7 @@ def test_runtime_env_ships_the_project_without_bulk(tmp_path):
     target = tmp_path / "pkg.zip"
     create_package(env["working_dir"], target, include_gitignore=True, excludes=env["excludes"], logger=None)
     names = zipfile.ZipFile(target).namelist()
-    assert "gan_ray/jobs.py" in names and "gan_ray/cli.py" in names and "pyproject.toml" in names
+    assert "gan_ray/jobs.py" in names and "gan_ray/cli/__main__.py" in names and "pyproject.toml" in names
     for bulky in (".venv/", ".git/", "runs/", "demo/", "__pycache__/"):
         assert not any(n.startswith(bulky) or f"/{bulky}" in n for n in names), bulky
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gan_ray import checkpoint as ckpt_io
-from gan_ray.config import TrainConfig
-from gan_ray.data import load_dataset
-from gan_ray.errors import UserError
-from gan_ray.fast_step import FastPath, FastStep, make_step_fn, prepare_module, resolve
-from gan_ray.loop import run_epoch
-from gan_ray.models import ModelSpec, build
-from gan_ray.step import make_state, train_step
+from gan_ray.core import checkpoint as ckpt_io
+from gan_ray.core.config import TrainConfig
+from gan_ray.core.data import load_dataset
+from gan_ray.core.errors import UserError
+from gan_ray.core.fast_step import FastPath, FastStep, make_step_fn, prepare_module, resolve
+from gan_ray.core.epoch import run_epoch
+from gan_ray.core.models import ModelSpec, build
+from gan_ray.core.step import make_state, train_step
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -116,16 +116,16 @@ def test_impossible_requests_are_one_line_user_errors():
         resolve("fp32", "sometimes", False, arch="mlp", device="cpu")
     # the driver refuses before Ray starts
     with pytest.raises(UserError, match="--gpus-per-worker"):
-        TrainConfig(cuda_graph="on").validate()
+        TrainConfig(cuda_graph="on")
     with pytest.raises(UserError, match="--workers 1"):
-        TrainConfig(cuda_graph="on", gpus_per_worker=1, workers=2).validate()
+        TrainConfig(cuda_graph="on", gpus_per_worker=1, workers=2)
 
 
 def test_cuda_graph_accepts_boolean_spellings_from_yaml():
-    cfg = TrainConfig.from_dict({"cuda_graph": True, "gpus_per_worker": 1, "workers": 1}).validate()
+    cfg = TrainConfig.from_dict({"cuda_graph": True, "gpus_per_worker": 1, "workers": 1})
     assert cfg.cuda_graph == "on"
-    assert TrainConfig.from_dict({"cuda_graph": False}).validate().cuda_graph == "off"
-    assert TrainConfig().validate().cuda_graph == "auto" and TrainConfig().precision == "auto"
+    assert TrainConfig.from_dict({"cuda_graph": False}).cuda_graph == "off"
+    assert TrainConfig().cuda_graph == "auto" and TrainConfig().precision == "auto"
 
 
 def test_cli_flags_for_the_fast_path(capsys):
@@ -335,6 +335,6 @@ def test_epoch_loop_on_a_gpu_resident_dataset_with_the_graph():
 def test_module_needs_neither_ray_nor_a_gpu():
     import subprocess
 
-    code = "import sys, gan_ray.fast_step; print('ray' in sys.modules)"
+    code = "import sys, gan_ray.core.fast_step; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

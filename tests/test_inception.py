@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gan_ray.errors import UserError
+from gan_ray.core.errors import UserError
 from tests.conftest import run_cli
 
 
@@ -32,7 +32,7 @@ def random_inception(tmp_path_factory):
     ("wrong.pt", {"conv.weight": torch.zeros(2, 2)}, "does not hold torchvision Inception-v3 weights"),
 ])
 def test_unusable_weight_files_are_one_line_errors(tmp_path, name, content, message):
-    from gan_ray.metrics import load_inception
+    from gan_ray.eval.metrics import load_inception
 
     path = tmp_path / name
     if isinstance(content, bytes):
@@ -55,14 +55,14 @@ def test_evaluate_refuses_bad_weights_before_scoring(tmp_path):
 
 
 def test_both_weight_formats_load_the_same_network(random_inception):
-    from gan_ray.metrics import load_inception
+    from gan_ray.eval.metrics import load_inception
 
     a, b = (load_inception(random_inception / f"inception.{s}") for s in ("safetensors", "pt"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_inception_fd_runs_on_supplied_weights(random_inception):
-    from gan_ray.metrics import inception_fd, load_inception
+    from gan_ray.eval.metrics import inception_fd, load_inception
 
     net = load_inception(random_inception / "inception.safetensors")
     assert not net.training and isinstance(net.fc, torch.nn.Identity)

@@ -350,7 +350,7 @@ def test_rayjob_entrypoints_parse_with_the_real_cli():
             if value:
                 assert value.startswith("/mnt/shared/"), f"{f}: --{flag} {value} is not on the shared volume"
         if argv[0] == "train":
-            from gan_ray.cli import resolve_train_config
+            from gan_ray.cli.flags import resolve_train_config
 
             cfg = resolve_train_config(args)
             assert cfg.gpus_per_worker > 0 and cfg.workers >= 2
@@ -358,7 +358,7 @@ def test_rayjob_entrypoints_parse_with_the_real_cli():
 
 def test_bad_entrypoint_is_caught_by_the_parser():
     from gan_ray.cli import build_parser
-    from gan_ray.errors import UserError
+    from gan_ray.core.errors import UserError
 
     with pytest.raises(UserError):
         build_parser().parse_args(["train", "--gpus-per-wroker", "1"])
@@ -382,7 +382,9 @@ def test_serve_config_parses_with_rays_schema_and_imports():
         module = importlib.import_module(module_name)
         builder = getattr(module, attr)
         assert callable(builder)
-        parsed = module.ServeArgs.model_validate(app.args)  # the app's own schema: unknown or bad args fail here
+        from gan_ray.serve.schema import ServeArgs
+
+        parsed = ServeArgs.model_validate(app.args)  # the app's own schema: unknown or bad args fail here
         assert parsed.min_replicas < parsed.max_replicas  # autoscaling, not a fixed size
         assert parsed.gpus_per_replica > 0
 

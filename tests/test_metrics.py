@@ -15,8 +15,8 @@ try:  # tests/ may or may not be a package
     from tests.conftest import run_cli
 except ImportError:
     from conftest import run_cli
-from gan_ray import features, metrics
-from gan_ray.data import load_dataset
+from gan_ray.eval import features, metrics
+from gan_ray.core.data import load_dataset
 
 N = 1000  # generated images per evaluation in these tests (the CLI default is 2000)
 
@@ -206,11 +206,11 @@ def test_too_few_samples_and_bad_images_are_user_errors(ref):
 
 # ------------------------------------------------------------------------------------------ training hook
 def test_training_hook_scores_the_ema_generator_without_touching_rng(cache, ref):
-    from gan_ray.config import TrainConfig
-    from gan_ray.loop import run_epoch
-    from gan_ray.models import ModelSpec, build
-    from gan_ray.step import make_state
-    from gan_ray.train_eval import QualityHook, hooks_for
+    from gan_ray.core.config import TrainConfig
+    from gan_ray.core.epoch import run_epoch
+    from gan_ray.core.models import ModelSpec, build
+    from gan_ray.core.step import make_state
+    from gan_ray.eval.hook import QualityHook, hooks_for
 
     cfg = TrainConfig(dataset="digits", conditional=True, eval_samples=500, seed=0)
     hooks = hooks_for(cfg)
@@ -266,7 +266,7 @@ def test_evaluate_rejects_malformed_samples(tmp_path, capsys, case):
 
     assert main(["evaluate", "--samples", str(malformed_npz(tmp_path, case)), "--json"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("gan-ray: error:") and len(err.strip().splitlines()) == 1, err
+    assert out == "" and err.startswith("gan-ray evaluate: error:") and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("case", ["wrong_shape", "not_npz"])
@@ -301,15 +301,14 @@ def test_evaluate_samples_json_and_table(cache, ref, tmp_path, train_images, cap
 def test_training_reports_fd_and_export_takes_the_best(ray_cluster, cache, tmp_path, capsys):
     """A real (tiny) Ray Train run with the hook: every checkpoint carries fd, Ray keeps the best, and
     `gan-ray export --checkpoint RUN_DIR` exports the lowest-fd checkpoint."""
-    from gan_ray.config import TrainConfig
-    from gan_ray.ray_train import fit
-    from gan_ray.run_files import METRICS_FILE, read_metrics
-    from gan_ray.run_select import checkpoints, select
-    from gan_ray.train_eval import hooks_for
+    from gan_ray.core.config import TrainConfig
+    from gan_ray.train.driver import fit
+    from gan_ray.core.run_dir import METRICS_FILE, read_metrics
+    from gan_ray.core.run_dir import checkpoints, select
 
     cfg = TrainConfig(dataset="digits", epochs=4, workers=1, checkpoint_every=1, keep=2, sample_every=0,
-                      eval_samples=500, batch_size=64, storage=str(tmp_path / "runs"), name="fd").validate()
-    fit(cfg, hooks=hooks_for(cfg), progress=False)
+                      eval_samples=500, batch_size=64, storage=str(tmp_path / "runs"), name="fd")
+    fit(cfg, progress=False)
     rows = read_metrics(cfg.run_dir / METRICS_FILE)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["fd"]) and r["fd_ratio"] > 0 for r in rows)
@@ -335,6 +334,6 @@ def test_training_reports_fd_and_export_takes_the_best(ray_cluster, cache, tmp_p
 def test_metric_modules_import_no_ray():
     import subprocess
 
-    code = ("import sys, gan_ray.features, gan_ray.metrics, gan_ray.train_eval, gan_ray.run_select, "
-            "gan_ray.eval_cli; sys.exit('ray' in sys.modules)")
+    code = ("import sys, gan_ray.eval.features, gan_ray.eval.metrics, gan_ray.eval.hook, gan_ray.core.run_dir, "
+            "gan_ray.cli.evaluate; sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from gan_ray.config import TrainConfig
-from gan_ray.data import load_dataset
-from gan_ray.errors import UserError
-from gan_ray.run_files import describe_dataset, truncate_metrics
+from gan_ray.core.config import TrainConfig
+from gan_ray.core.data import load_dataset
+from gan_ray.core.errors import UserError
+from gan_ray.core.data import describe_dataset
+from gan_ray.core.run_dir import truncate_metrics
 
 
 def _image(path, mode: str, value: int) -> None:
@@ -66,7 +67,7 @@ def _append(path, *epochs: int) -> None:
 def test_progress_survives_a_restore_that_rewrites_metrics_between_polls(tmp_path):
     """A worker restored from epoch 5 rewrites metrics.jsonl and appends past the old end before the next poll:
     every replayed epoch prints once more, nothing else prints twice, and the printer keeps going."""
-    from gan_ray.ray_train import ProgressPrinter
+    from gan_ray.train.driver import ProgressPrinter
 
     path = tmp_path / "metrics.jsonl"
     _append(path, 1)  # an earlier run's row: not this run's progress
@@ -84,7 +85,7 @@ def test_progress_survives_a_restore_that_rewrites_metrics_between_polls(tmp_pat
 
 
 def test_progress_skips_a_line_it_cannot_read(tmp_path):
-    from gan_ray.ray_train import ProgressPrinter
+    from gan_ray.train.driver import ProgressPrinter
 
     path = tmp_path / "metrics.jsonl"
     lines: list[str] = []
@@ -98,8 +99,8 @@ def test_progress_skips_a_line_it_cannot_read(tmp_path):
 def test_sample_grids_use_eval_mode_and_leave_batchnorm_alone():
     """--no-ema samples from G itself, which trains in train mode: a grid must neither use batch statistics nor
     move BatchNorm's running statistics (rank 0 alone would drift from the other ranks)."""
-    from gan_ray.models import ModelSpec, build
-    from gan_ray.step import eval_mode
+    from gan_ray.core.models import ModelSpec, build
+    from gan_ray.core.step import eval_mode
 
     G, _ = build(ModelSpec("dcgan", 16, (1, 28, 28), 0))
     G.train()

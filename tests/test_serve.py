@@ -14,18 +14,18 @@ import pytest
 import requests
 import torch
 
-from gan_ray.config import TrainConfig
+from gan_ray.core.config import TrainConfig
 from tests.conftest import run_cli
 
 
 def train_model_dir(root: Path, *, conditional: bool, steps: int = 400, seed: int = 0) -> Path:
-    """A real exported model in seconds: the MLP GAN trained in-process on digits with gan_ray.step (no Ray
-    Train), checkpointed with gan_ray.checkpoint and exported with gan_ray.registry."""
-    from gan_ray import checkpoint
-    from gan_ray.data import load_dataset
-    from gan_ray.models import ModelSpec, build
-    from gan_ray.registry import export
-    from gan_ray.step import make_state, train_step
+    """A real exported model in seconds: the MLP GAN trained in-process on digits with gan_ray.core.step (no Ray
+    Train), checkpointed with gan_ray.core.checkpoint and exported with gan_ray.registry."""
+    from gan_ray.core import checkpoint
+    from gan_ray.core.data import load_dataset
+    from gan_ray.core.models import ModelSpec, build
+    from gan_ray.core.model_dir import export
+    from gan_ray.core.step import make_state, train_step
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # 2 cores shared with Ray: more threads only spin
@@ -80,8 +80,8 @@ def deploy(name: str, model_dir: Path, **options) -> str:
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray._common.utils import import_attr
 
-    from gan_ray.serve import http_url
-    from gan_ray.serve_client import wait_ready
+    from gan_ray.serve.deployment import http_url
+    from gan_ray.serve.client import wait_ready
 
     builder = import_attr("gan_ray.serve:app")
     app = call_user_app_builder_with_args_if_necessary(builder, {"model": str(model_dir), **options})
@@ -153,8 +153,9 @@ def test_png_default_is_one_grid(served):
 def test_npz_matches_the_models_own_generate(served):
     """The `gan-ray sample` array format, with the requested labels; the images are the model's own for that
     seed (the server pads to 16-row blocks, so equal to float rounding, and bit-equal to its local renderer)."""
-    from gan_ray.registry import load_generator
-    from gan_ray.serve import GenerateRequest, Renderer
+    from gan_ray.core.model_dir import load_generator
+    from gan_ray.serve.schema import GenerateRequest
+    from gan_ray.serve.render import Renderer
 
     labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 7]
     r = post(served.cond, {"n": 12, "labels": labels, "seed": 11, "format": "npz"})
@@ -217,8 +218,8 @@ def test_same_seed_same_bytes_however_requests_are_batched(served):
 def test_label_accuracy_over_http_equals_the_models_own(served):
     """The metrics module's label accuracy on HTTP-served samples equals that of the model's own `generate` for
     the same seed and labels (and the served labels are the requested ones)."""
-    from gan_ray.metrics import score_labels
-    from gan_ray.registry import load_generator
+    from gan_ray.eval.metrics import score_labels
+    from gan_ray.core.model_dir import load_generator
 
     requested = [i % 10 for i in range(200)]
     images, labels = npz_arrays(post(served.cond, {"n": 200, "labels": requested, "seed": 7,
@@ -388,7 +389,7 @@ def test_serve_build_writes_a_valid_deploy_config(serve_models, tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from gan_ray.serve import ServeArgs
+    from gan_ray.serve.schema import ServeArgs
 
     out = tmp_path / "serve.yaml"
     r = run_cli("serve", "--model", str(serve_models["conditional"]), "--build", "--max-replicas", "3",

@@ -1,12 +1,12 @@
-"""Choosing Serve's front door for a local cluster (gan_ray.serve_ingress): pure environment logic, no Ray."""
+"""Choosing Serve's front door for a local cluster (gan_ray.cluster): pure environment logic, no Ray."""
 from __future__ import annotations
 
 import socket
 
 import pytest
 
-from gan_ray import serve_ingress
-from gan_ray.serve_ingress import PICKED_ENV, PORT_DEFAULTS, apply_to_local_cluster, ingress_env
+from gan_ray import cluster as serve_ingress
+from gan_ray.cluster import PICKED_ENV, PORT_DEFAULTS, apply_to_local_cluster, ingress_env
 
 
 @pytest.fixture

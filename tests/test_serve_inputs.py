@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from gan_ray.errors import UserError
+from gan_ray.core.errors import UserError
 from tests.conftest import run_cli
 
 SPEC_LATENT = 8
 
 
 def make_checkpoint(root: Path, *, seed: int, conditional: bool = True) -> Path:
-    """A real (untrained) checkpoint written by gan_ray.checkpoint: the MLP GAN at its seeded initial weights."""
-    from gan_ray import checkpoint
-    from gan_ray.config import TrainConfig
-    from gan_ray.models import ModelSpec, build
-    from gan_ray.step import make_state
+    """A real (untrained) checkpoint written by gan_ray.core.checkpoint: the MLP GAN at its seeded initial weights."""
+    from gan_ray.core import checkpoint
+    from gan_ray.core.config import TrainConfig
+    from gan_ray.core.models import ModelSpec, build
+    from gan_ray.core.step import make_state
 
     torch.manual_seed(seed)
     spec = ModelSpec("mlp", SPEC_LATENT, (1, 8, 8), 10 if conditional else 0)
@@ -37,7 +37,7 @@ def make_checkpoint(root: Path, *, seed: int, conditional: bool = True) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from gan_ray.registry import export
+    from gan_ray.core.model_dir import export
 
     root = tmp_path_factory.mktemp("serve-inputs")
     return export(make_checkpoint(root, seed=0), root / "model")
@@ -47,7 +47,7 @@ def model_dir(tmp_path_factory) -> Path:
 def client(model_dir):
     from fastapi.testclient import TestClient
 
-    from gan_ray.serve import plain_app
+    from gan_ray.serve.http import plain_app
 
     return TestClient(plain_app(model_dir), raise_server_exceptions=False)
 
@@ -106,7 +106,7 @@ def test_malformed_content_length_is_400_not_413(client, value):
 
 # -------------------------------------------------------------------------------------------- global RNG state
 def test_unseeded_generate_leaves_torch_global_rng_alone(model_dir):
-    from gan_ray.registry import latent_for_seed, load_generator
+    from gan_ray.core.model_dir import latent_for_seed, load_generator
 
     gen = load_generator(model_dir)
     torch.manual_seed(1234)
@@ -140,7 +140,7 @@ EDITS = {
 def test_load_generator_refuses_bad_model_json(model_dir, tmp_path, edit, mentions):
     import shutil
 
-    from gan_ray.registry import MODEL_JSON, load_generator
+    from gan_ray.core.model_dir import MODEL_JSON, load_generator
 
     bad = tmp_path / "model"
     shutil.copytree(model_dir, bad)
@@ -155,7 +155,7 @@ def test_load_generator_refuses_bad_model_json(model_dir, tmp_path, edit, mentio
 def test_load_generator_refuses_a_json_list(model_dir, tmp_path):
     import shutil
 
-    from gan_ray.registry import MODEL_JSON, load_generator
+    from gan_ray.core.model_dir import MODEL_JSON, load_generator
 
     bad = tmp_path / "model"
     shutil.copytree(model_dir, bad)
@@ -166,7 +166,7 @@ def test_load_generator_refuses_a_json_list(model_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ export
 def test_export_to_an_existing_file_is_a_user_error(tmp_path):
-    from gan_ray.registry import export
+    from gan_ray.core.model_dir import export
 
     target = tmp_path / "afile"
     target.write_text("keep me")
@@ -181,8 +181,8 @@ def test_concurrent_exports_leave_one_complete_model(tmp_path):
     of the two models, complete, and a reader polling it never sees a partial directory."""
     from safetensors.torch import load_file
 
-    from gan_ray.checkpoint import load_sampler
-    from gan_ray.registry import MODEL_JSON, WEIGHTS, export, load_generator
+    from gan_ray.core.checkpoint import load_sampler
+    from gan_ray.core.model_dir import MODEL_JSON, WEIGHTS, export, load_generator
 
     ckpts = {who: make_checkpoint(tmp_path, seed=seed) for who, seed in (("a", 1), ("b", 2))}
     weights = {who: load_sampler(c)[0].state_dict() for who, c in ckpts.items()}
@@ -260,7 +260,7 @@ def test_evaluate_refuses_empty_samples_and_unusable_labels(tmp_path, capsys, ca
 
     assert main(["evaluate", "--samples", str(bad_samples(tmp_path, case)), "--json"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("gan-ray: error:") and len(err.strip().splitlines()) == 1, err
+    assert out == "" and err.startswith("gan-ray evaluate: error:") and len(err.strip().splitlines()) == 1, err
     assert mentions in err
 
 

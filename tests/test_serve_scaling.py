@@ -157,7 +157,7 @@ def test_gan_ray_serve_runs_until_ctrl_c(serve_models, tmp_path):
     reader.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        from gan_ray.serve_client import generate
+        from gan_ray.serve.client import generate
 
         wait_for(lambda: any(line.startswith("serving ") for line in lines) or proc.poll() is not None, 240,
                  "the `serving ... at URL` line")

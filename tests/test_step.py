@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from gan_ray import losses
-from gan_ray.data import load_dataset, shard_order
-from gan_ray.models import ModelSpec, build, count_params
-from gan_ray.step import make_state, train_step
+from gan_ray.core import losses
+from gan_ray.core.data import load_dataset, shard_order
+from gan_ray.core.models import ModelSpec, build, count_params
+from gan_ray.core.step import make_state, train_step
 
 
 # ------------------------------------------------------------------------------------------ the 2-D mixture
@@ -85,7 +85,7 @@ def test_generator_update_leaves_discriminator_untouched():
     """A step with a G update leaves D exactly where D's own update of that step put it (and unfrozen)."""
     import copy
 
-    from gan_ray.step import d_update
+    from gan_ray.core.step import d_update
 
     torch.manual_seed(0)
     spec = ModelSpec("toy", 8, (1, 1, 2))
@@ -193,8 +193,8 @@ def test_each_rank_sees_a_distinct_shard_every_epoch():
 
 
 def test_pure_modules_do_not_import_ray():
-    code = ("import sys, gan_ray, gan_ray.config, gan_ray.data, gan_ray.models, gan_ray.losses, gan_ray.step, "
-            "gan_ray.loop, gan_ray.checkpoint, gan_ray.registry, gan_ray.images; "
+    code = ("import sys, gan_ray, gan_ray.core.config, gan_ray.core.data, gan_ray.core.models, gan_ray.core.losses, gan_ray.core.step, "
+            "gan_ray.core.epoch, gan_ray.core.checkpoint, gan_ray.core.model_dir, gan_ray.core.images; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from gan_ray.config import TrainConfig
-from gan_ray.errors import UserError
-from gan_ray.ray_train import finished_epochs, fit, latest_checkpoint
-from gan_ray.run_files import read_metrics
+from gan_ray.core.config import TrainConfig
+from gan_ray.core.errors import UserError
+from gan_ray.core.run_dir import finished_epochs, latest_checkpoint
+from gan_ray.train.driver import fit
+from gan_ray.core.run_dir import read_metrics
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -21,13 +22,7 @@ pytestmark = pytest.mark.slow
 def small_config(tmp_path, name: str, **over) -> TrainConfig:
     base = dict(dataset="digits", arch="mlp", workers=2, batch_size=32, epochs=3, checkpoint_every=2, keep=2,
                 storage=str(tmp_path), name=name, eval_every=0)
-    return TrainConfig(**{**base, **over}).validate()
-
-
-def _hooks(cfg):
-    from gan_ray.train_eval import hooks_for
-
-    return hooks_for(cfg)
+    return TrainConfig(**{**base, **over})
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def storage(tmp_path_factory):
 
 def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster, storage):
     cfg = small_config(storage, "resume")
-    result = fit(cfg, hooks=_hooks(cfg), progress=False)
+    result = fit(cfg, progress=False)
     assert result.error is None
     run = cfg.run_dir
     rows = read_metrics(run / "metrics.jsonl")
@@ -57,7 +52,7 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
 
     # Same name, more epochs: continues from epoch 3's checkpoint.
     cfg5 = small_config(storage, "resume", epochs=5)
-    fit(cfg5, hooks=_hooks(cfg5), progress=False)
+    fit(cfg5, progress=False)
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[3]["restored_from"] == 3 and rows[3]["step"] == 4 * 23
@@ -85,7 +80,7 @@ def _train_worker_pids() -> list[int]:
 def test_a_killed_worker_is_replaced_and_training_continues(ray_cluster, storage):
     cfg = small_config(storage, "recover", epochs=10, checkpoint_every=2, batch_size=16, max_failures=2)
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg, progress=False)))
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg, quality=False, progress=False)))
     thread.start()
     metrics = cfg.run_dir / "metrics.jsonl"
     deadline = time.time() + 240
@@ -119,7 +114,7 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused(ray_cluster, tmp_path
 
     cpus = int(ray.cluster_resources()["CPU"])
     with pytest.raises(UserError, match="CPUs"):
-        fit(small_config(tmp_path, "too-many", workers=cpus + 1), progress=False)
+        fit(small_config(tmp_path, "too-many", workers=cpus + 1), quality=False, progress=False)
     assert not (tmp_path / "too-many").exists(), "nothing written for a refused run"
 
 
@@ -127,7 +122,7 @@ def test_a_batch_larger_than_a_workers_share_is_refused_before_ray(tmp_path):
     """1527 training digits over 2 workers: 763 each. A bigger batch would train no step at all (epochs of zero
     steps that still write checkpoints); the driver refuses it before any cluster or file exists."""
     with pytest.raises(UserError, match=r"--batch-size 800 is larger than each worker's share .*1527 / 2 workers = 763"):
-        fit(small_config(tmp_path, "big-batch", batch_size=800), progress=False)
+        fit(small_config(tmp_path, "big-batch", batch_size=800), quality=False, progress=False)
     assert not (tmp_path / "big-batch").exists()
 
 
@@ -137,7 +132,8 @@ def test_bad_input_a_worker_finds_comes_back_as_one_user_error(ray_cluster, tmp_
     own checks are skipped here (trainer_for directly) so that the worker's check is the one that fires."""
     from ray.train import TrainingFailedError
 
-    from gan_ray.ray_train import prepare_run_dir, trainer_for, worker_user_error
+    from gan_ray.core.run_dir import prepare_run_dir
+    from gan_ray.train.driver import trainer_for, worker_user_error
 
     cfg = small_config(tmp_path, "worker-refuses", batch_size=800, max_failures=0)
     prepare_run_dir(cfg)

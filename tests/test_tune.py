@@ -10,17 +10,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from gan_ray.errors import UserError
-from gan_ray.tune_placement import job_groups
-from gan_ray.tune_space import DEFAULT_SPACE, Choice, Range, build_space, parse_text
+from gan_ray.core.errors import UserError
+from gan_ray.tune.placement import job_groups
+from gan_ray.tune.space import DEFAULT_SPACE, Choice, Range, build_space, parse_text
 
+from gan_ray.tune.trial import read_lineage
 from tests.conftest import GAN_RAY, ROOT, run_cli, wait_for
 
 # Tiny trials: one worker, digits, a few epochs of 48 steps, the smallest sample count fd accepts on digits.
@@ -49,7 +49,7 @@ def test_space_file(tmp_path):
     f = tmp_path / "space.yaml"
     f.write_text("lr-g: {loguniform: [1.0e-5, 1.0e-3]}\nlr_d: 1e-5:1e-3\nlatent_dim: [32, 64]\n"
                  "beta1: {uniform: [0.0, 0.9]}\nconditional: true\nd_steps: {choice: [1, 2]}\n")
-    from gan_ray.config import load_yaml
+    from gan_ray.core.config import load_yaml
 
     space = build_space({"latent_dim": "128"}, load_yaml(f), file_name=str(f))  # a flag overrides the file
     assert space.dims["lr_g"] == Range(1e-5, 1e-3) and space.dims["lr_d"] == Range(1e-5, 1e-3)
@@ -74,7 +74,7 @@ def test_bad_values(flag, text, message):
 
 
 def test_space_file_errors(tmp_path):
-    from gan_ray.config import load_yaml
+    from gan_ray.core.config import load_yaml
 
     f = tmp_path / "s.yaml"
     f.write_text("lr_g: 1e-5:1e-3\nlearning_rate: 0.1\n")
@@ -86,8 +86,8 @@ def test_space_file_errors(tmp_path):
 
 
 def test_capacity_and_concurrency():
-    from gan_ray.tune import capacity, resolve_concurrency, trial_need
-    from gan_ray.tune_space import DRIVER_CPU, SweepSettings
+    from gan_ray.tune.sweep import capacity, resolve_concurrency, trial_need
+    from gan_ray.tune.space import DRIVER_CPU, SweepSettings
 
     two_cores = SweepSettings(trials=8)
     assert trial_need(two_cores) == {"CPU": pytest.approx(1.0)}  # driver + worker fill one CPU exactly
@@ -112,7 +112,7 @@ def test_a_trials_best_is_its_best_checkpoint(tmp_path):
     sweep's winner and lands in model.json) must be the fd of the checkpoint it can hand over."""
     from types import SimpleNamespace
 
-    from gan_ray.tune import row_from_trial
+    from gan_ray.tune.results import row_from_trial
 
     ck2, ck4 = tmp_path / "checkpoint_2", tmp_path / "checkpoint_4"
     ck2.mkdir(), ck4.mkdir()
@@ -134,14 +134,15 @@ def test_a_resumed_searcher_takes_this_runs_cap_on_running_trials(search, tmp_pa
     can never be placed."""
     if search == "optuna":
         pytest.importorskip("optuna")
-    from gan_ray.tune import CONCURRENCY_ENV, METRIC, MODE, make_searcher, to_tune_space
-    from gan_ray.tune_space import SweepSettings
+    from gan_ray.tune.schedulers import CONCURRENCY_ENV, make_searcher, to_tune_space
+    from gan_ray.tune.space import METRIC, MODE
+    from gan_ray.tune.space import SweepSettings
 
     from ray.tune.search.search_generator import SearchGenerator
 
     def search_alg(cap: int):
         """As Tune holds it: a Searcher (Optuna's, capped) wrapped in a SearchGenerator; random search as is."""
-        s = make_searcher(SweepSettings(search=search, seed=1).validate(), cap)
+        s = make_searcher(SweepSettings(search=search, seed=1), cap)
         s.set_search_properties(METRIC, MODE, to_tune_space(build_space(OPTUNA_SPACE)))
         return s if search == "random" else SearchGenerator(s)
 
@@ -162,12 +163,13 @@ def test_a_resumed_searcher_takes_this_runs_cap_on_running_trials(search, tmp_pa
 def test_export_records_the_config_its_checkpoint_was_trained_with(tmp_path):
     """Under PBT a trial's config is its latest mutation, which may postdate its best checkpoint: model.json's
     winning_config must be what the exported weights were trained with."""
-    from gan_ray import checkpoint as ckpt_io
-    from gan_ray.config import TrainConfig
-    from gan_ray.models import ModelSpec, build
-    from gan_ray.step import make_state
-    from gan_ray.tune import SweepResult, TrialRow, export_best
-    from gan_ray.tune_space import SweepSettings
+    from gan_ray.core import checkpoint as ckpt_io
+    from gan_ray.core.config import TrainConfig
+    from gan_ray.core.models import ModelSpec, build
+    from gan_ray.core.step import make_state
+    from gan_ray.tune.sweep import SweepResult, export_best
+    from gan_ray.tune.results import TrialRow
+    from gan_ray.tune.space import SweepSettings
 
     spec = ModelSpec("mlp", 16, (1, 28, 28), 0)
     state = make_state(spec, *build(spec), lr_g=3e-4, lr_d=1e-4, beta1=0.5)
@@ -247,7 +249,7 @@ def _experiment_statuses(exp: Path) -> dict[str, str]:
 
 
 def _csv_rows(path: Path) -> list[dict]:
-    from gan_ray.tune import read_results_csv
+    from gan_ray.tune.results import read_results_csv
 
     return read_results_csv(path) if path.exists() else []
 
@@ -286,8 +288,7 @@ def asha_sweep(ray_cluster, tmp_path_factory):
         log.close()
     assert finished, f"no trial finished before the deadline:\n{(root / 'first.log').read_text()[-3000:]}"
     assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
-    starts_before = {d.name: len((d / "driver_starts.log").read_text().split()) for d in exp.glob("trial_*")
-                     if (d / "driver_starts.log").exists()}
+    starts_before = {d.name: len(read_lineage(d)) for d in exp.glob("trial_*") if read_lineage(d)}
     second = subprocess.run([*GAN_RAY, *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
     return {"exp": exp, "root": root, "finished": finished, "starts_before": starts_before, "second": second,
             "cpu_before": before}
@@ -337,8 +338,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(asha_sweep)
     assert asha_sweep["second"].returncode == 0
     # a trial created in the killed sweep's last seconds (not yet in its saved state) is created again on resume,
     # in a new directory (Tune adds a suffix); the old one may hold no driver start at all
-    starts = {d.name: len((d / "driver_starts.log").read_text().split()) for d in exp.glob("trial_*")
-              if (d / "driver_starts.log").exists()}
+    starts = {d.name: len(read_lineage(d)) for d in exp.glob("trial_*") if read_lineage(d)}
     for trial_id in {r["trial_id"] for r in _csv_rows(exp / "results.csv")}:  # one directory per trial, shared
         together = [d for d in exp.glob(f"trial_{trial_id}*") if d.name in starts and (d / "result.json").exists()]
         assert together, sorted(p.name for p in exp.glob(f"trial_{trial_id}*/*"))  # by Tune and by its Train runs
@@ -350,14 +350,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(asha_sweep)
     # the trial that was running when the driver died was restarted, and its Train run resumed (no epoch twice)
     restarted = [n for n, k in starts.items() if k > 1]
     for name in restarted:
+        assert [r["start"] for r in read_lineage(exp / name)] == ["new"] + ["resume"] * (starts[name] - 1)
         epochs = [json.loads(line)["epoch"] for line in (exp / name / "train" / "metrics.jsonl").read_text().splitlines()]
         assert epochs == sorted(set(epochs)), epochs
 
 
 @pytest.mark.slow
 def test_pbt_exploit_copies_state_and_applies_mutated_learning_rates(ray_cluster, tmp_path):
-    from gan_ray.tune import run_sweep
-    from gan_ray.tune_space import SweepSettings
+    from gan_ray.tune.sweep import run_sweep
+    from gan_ray.tune.space import SweepSettings
 
     space = build_space({"lr_g": "1e-5:1e-3", "lr_d": "1e-5:1e-3", "latent_dim": "32", "batch_size": "32",
                          "eval_samples": "128", "sample_every": "0"})
@@ -374,7 +375,7 @@ def test_pbt_exploit_copies_state_and_applies_mutated_learning_rates(ray_cluster
         lineage = trial_dir / "lineage.jsonl"
         if lineage.exists():
             exploits += [(trial_dir, json.loads(line)) for line in lineage.read_text().splitlines()
-                         if json.loads(line)["exploit"]]
+                         if json.loads(line).get("exploit")]
     assert exploits, "PBT never exploited"
     checked = 0
     for trial_dir, row in exploits:
@@ -403,12 +404,12 @@ def test_missing_optuna_is_a_clear_error(monkeypatch):
     """Optuna is an extra: without it, `--search optuna` says what to install (checked before anything starts)."""
     import importlib.util
 
-    from gan_ray.tune_space import SweepSettings
+    from gan_ray.tune.space import SweepSettings
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else find_spec(name, *a))
     with pytest.raises(UserError, match=r"needs the optuna package \(pip install 'gan-ray\[optuna\]'\)"):
-        SweepSettings(search="optuna").validate()
+        SweepSettings(search="optuna")
 
 
 OPTUNA_SPACE = {"lr_g": "1e-5:1e-3", "lr_d": "1e-5:1e-3", "latent_dim": "16,32"}
@@ -418,10 +419,11 @@ def _optuna_suggestions(seed: int, n: int, cap: int = 2) -> list[dict | None]:
     """What a fresh seeded Optuna searcher (capped at `cap` running trials) proposes first for OPTUNA_SPACE, asked
     directly, with no sweep; None where the cap holds a trial back."""
     pytest.importorskip("optuna")
-    from gan_ray.tune import METRIC, MODE, make_searcher, to_tune_space
-    from gan_ray.tune_space import SweepSettings
+    from gan_ray.tune.space import METRIC, MODE
+    from gan_ray.tune.schedulers import make_searcher, to_tune_space
+    from gan_ray.tune.space import SweepSettings
 
-    searcher = make_searcher(SweepSettings(search="optuna", seed=seed).validate(), cap)
+    searcher = make_searcher(SweepSettings(search="optuna", seed=seed), cap)
     assert searcher.set_search_properties(METRIC, MODE, to_tune_space(build_space(OPTUNA_SPACE)))
     return [searcher.suggest(f"t{i}") for i in range(n)]
 
@@ -464,7 +466,7 @@ def test_sweep_groups_remove_only_the_sweeps_unaccounted_groups(ray_cluster):
     sweep's groups go at its end."""
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-    from gan_ray.tune_placement import ORPHAN_AFTER_S, SweepGroups
+    from gan_ray.tune.placement import ORPHAN_AFTER_S, SweepGroups
 
     def state(pg) -> str:
         return placement_group_table(pg)["state"]
@@ -490,6 +492,6 @@ def test_every_placement_group_state_but_removed_counts_as_live():
     sweep's "before" set, and removed it as an orphan: every state Ray has but REMOVED holds resources."""
     from ray.core.generated import gcs_pb2
 
-    from gan_ray.tune_placement import LIVE_STATES
+    from gan_ray.tune.placement import LIVE_STATES
 
     assert set(LIVE_STATES) == set(gcs_pb2.PlacementGroupTableData.PlacementGroupState.keys()) - {"REMOVED"}

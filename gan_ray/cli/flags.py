@@ -1,0 +1,156 @@
+"""What every command's parser shares: the parser class, the typed-number flags, the training flags built from
+`TrainConfig`'s fields, and turning the flags given into a validated config.
+
+Usage errors are one line (exit code 2), like every other user error.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Sequence
+
+from gan_ray.core.config import TrainConfig, field_cli, field_types, flag_name, load_yaml, resolve
+from gan_ray.core.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (exit 2) like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+# ----------------------------------------------------------------------------------------------- typed values
+def number(kind: Callable[[str], Any], ok: Callable[[Any], bool], what: str, name: str | None = None):
+    """An argparse type converting to `kind` and checking `ok`; the message says what was expected."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+    parse.__name__ = name or what  # argparse names the type in "invalid <name> value" messages
+    return parse
+
+
+positive_int = number(int, lambda v: v >= 1, "a positive integer")
+nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
+any_int = number(int, lambda v: True, "an integer")
+positive_float = number(float, lambda v: v > 0, "a number > 0")
+nonneg_float = number(float, lambda v: v >= 0, "a number >= 0")
+any_float = number(float, lambda v: True, "a number")
+port = number(int, lambda v: 1 <= v <= 65535, "a port 1..65535")
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """KEY=VALUE (e.g. an environment variable)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """Comma-separated integers (at least one)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise UserError(f"{flag} expects comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} is empty")
+    return values
+
+
+def labels_arg(text: str | None) -> int | list[int] | None:
+    """--labels: one label for every image, or one per image."""
+    if text is None:
+        return None
+    values = int_list(text, "--labels")
+    return values[0] if len(values) == 1 else values
+
+
+# ---------------------------------------------------------------------------------------------- training flags
+def add_train_flags(p: argparse.ArgumentParser, *, exclude: Sequence[str] = (), as_strings: bool = False) -> None:
+    """One flag per TrainConfig field. Defaults are suppressed so only flags actually given override the file.
+
+    `as_strings` keeps values as typed text (sweeps parse ranges like `1e-5:1e-2` from them).
+    """
+    types = field_types()
+    for name in TrainConfig.model_fields:
+        if name in exclude:
+            continue
+        meta = field_cli(name)
+        help_text = f"{meta['help']} (default: {meta['default']})"
+        if types[name] is bool and not as_strings:
+            p.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+        else:
+            choices = None if as_strings else meta.get("choices")
+            const = None if as_strings else meta.get("const")
+            extra = {"nargs": "?", "const": const} if const is not None else {}
+            p.add_argument(flag_name(name), type=str if as_strings else types[name], choices=choices,
+                           default=argparse.SUPPRESS, help=help_text, metavar=name.upper(), **extra)
+
+
+def given_train_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The training flags actually given on the command line."""
+    return {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
+
+
+def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config FILE < flags, validated once."""
+    file_values = load_yaml(args.config) if getattr(args, "config", None) else None
+    return resolve(file_values, given_train_values(args), source=getattr(args, "config", None) or "config")
+
+
+def add_model_flags(p: argparse.ArgumentParser, model: type, *, exclude: Sequence[str] = (),
+                    aliases: dict[str, str] | None = None) -> None:
+    """One flag per field of a pydantic settings model (e.g. ServeArgs), typed and range-checked from the field's
+    constraints, help from its description. Defaults are suppressed: the model's own apply to what is not given.
+    `aliases` adds an older spelling of a flag."""
+    import types
+    import typing
+
+    for name, f in model.model_fields.items():
+        if name in exclude:
+            continue
+        kind = f.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        flags = [flag_name(name)] + ([aliases[name]] if aliases and name in aliases else [])
+        default = "none" if f.default is None else f.default
+        help_text = f"{f.description or ''} (default: {default})".strip()
+        if kind is bool:
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+            continue
+        ge = next((m.ge for m in f.metadata if getattr(m, "ge", None) is not None), None)
+        gt = next((m.gt for m in f.metadata if getattr(m, "gt", None) is not None), None)
+        noun = "an integer" if kind is int else "a number"
+        if ge is not None:
+            typ = number(kind, lambda v, ge=ge: v >= ge, f"{noun} >= {ge}")
+        elif gt is not None:
+            typ = number(kind, lambda v, gt=gt: v > gt, f"{noun} > {gt}")
+        else:
+            typ = kind
+        p.add_argument(*flags, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text,
+                       metavar=name.upper())
+
+
+def given_model_values(args: argparse.Namespace, model: type) -> dict[str, Any]:
+    """The fields of `model` given as flags."""
+    return {k: v for k, v in vars(args).items() if k in model.model_fields}
+
+
+def add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start one)")
+
+
+def add_ingress(p: argparse.ArgumentParser) -> None:
+    from gan_ray.cluster import MODES
+
+    p.add_argument("--ingress", choices=MODES, default=None,
+                   help="front door of a cluster this command starts: haproxy (default where its binary exists; "
+                        "replicas answer HTTP directly) or proxy (Serve's Python proxy). A joined cluster keeps "
+                        "its own (set RAY_SERVE_ENABLE_HA_PROXY=1 where it starts)")

@@ -1,0 +1,40 @@
+"""`gan-ray`: the parser of every command, and `main`, which runs one and turns user errors into one line.
+
+Each command lives in its own module (`gan_ray.cli.<command>`) with `add_command(subparsers)`; none imports Ray
+at module level, so `--help` stays fast. User errors (bad flags, files, paths) print one line and exit with code
+2, never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from gan_ray.cli import bench, demo, evaluate, export, generate, sample, serve, submit, train, tune
+from gan_ray.cli.flags import Parser
+from gan_ray.core.errors import UserError, one_line
+
+# In the order `gan-ray --help` lists them.
+COMMANDS = (train, sample, export, evaluate, tune, serve, generate, submit, demo, bench)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="gan-ray", description="GANs trained, swept and served on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in COMMANDS:
+        command.add_command(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = f"gan-ray {argv[0]}" if argv and not argv[0].startswith("-") else "gan-ray"
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"{cmd}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

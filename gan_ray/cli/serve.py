@@ -1,0 +1,85 @@
+"""`gan-ray serve`: deploy an exported model on Ray Serve and run until stopped (or, with --build, print the
+`serve deploy` config for the same settings). Every ServeArgs field is a flag of the same name."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from gan_ray.cli.flags import add_address, add_ingress, add_model_flags, given_model_values, port
+from gan_ray.core.errors import UserError
+from gan_ray.serve.schema import ServeArgs
+
+FLAG_ALIASES = {"batch_wait_timeout_s": "--batch-wait-s"}  # the flag's first, shorter spelling still works
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("serve", help="serve an exported model over HTTP with Ray Serve (autoscaled, batched)",
+                       description="Deploy the generator behind POST /v1/generate, GET /v1/model, GET /healthz "
+                                   "(OpenAPI at /docs) and run until Ctrl-C. With --build, print the `serve "
+                                   "deploy` config for the same settings instead.")
+    p.add_argument("--model", required=True, help="exported model directory (gan-ray export)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    p.add_argument("--port", type=port, default=8000)
+    add_model_flags(p, ServeArgs, exclude=("model",), aliases=FLAG_ALIASES)
+    add_address(p)
+    add_ingress(p)
+    p.add_argument("--build", action="store_true", help="print the `serve deploy` config YAML and exit")
+    p.add_argument("--out", default=None, help="with --build: write the YAML to this file instead of stdout")
+    p.set_defaults(func=run)
+
+
+def serve_args(args: argparse.Namespace) -> ServeArgs:
+    """The deployment's settings from the flags given (ServeArgs' defaults for the rest), as one UserError if
+    they do not fit together."""
+    from pydantic import ValidationError
+
+    try:
+        return ServeArgs(model=args.model, **given_model_values(args, ServeArgs))
+    except ValidationError as exc:
+        raise UserError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    sargs = serve_args(args)
+    if args.build:
+        return build(args, sargs)
+    from gan_ray.serve.deployment import start_serving, stop_serving
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        url = start_serving(sargs, host=args.host, port=args.port, address=args.address, ingress=args.ingress)
+        print(f"serving {Path(args.model).resolve()} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+        print(f"  try: curl -s -X POST {url}/v1/generate -H 'Content-Type: application/json' "
+              "-d '{\"n\": 16, \"seed\": 1}' -o grid.png", flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("shutting down", file=sys.stderr, flush=True)
+        stop_serving()
+    return 0
+
+
+def build(args: argparse.Namespace, sargs: ServeArgs) -> int:
+    """--build: the `serve deploy` config for these settings, for a model that loads here."""
+    import yaml
+
+    from gan_ray.core.images import write_atomic
+    from gan_ray.core.model_dir import load_generator
+    from gan_ray.serve.deployment import deploy_config
+
+    load_generator(args.model)  # a missing or corrupt model fails here, not on the cluster
+    text = yaml.safe_dump(deploy_config(sargs, host=args.host, port=args.port), sort_keys=False)
+    if args.out:
+        write_atomic(Path(args.out), text.encode())
+        print(f"wrote {args.out}: deploy with `serve deploy {args.out}` (the model path must exist on every "
+              "node that runs a replica)")
+    else:
+        print(text, end="")
+    return 0

@@ -1,0 +1,43 @@
+"""`gan-ray train`: train (or resume) a GAN data-parallel on Ray Train, and say where everything went."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gan_ray.cli.flags import add_address, add_train_flags, resolve_train_config
+from gan_ray.core.config import TrainConfig
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("train", help="train (or resume) a GAN data-parallel on Ray Train")
+    p.add_argument("--config", help="YAML file of flag: value (command-line flags override it)")
+    add_address(p)
+    add_train_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gan_ray.train.driver import fit
+
+    cfg = resolve_train_config(args)
+    result = fit(cfg, address=args.address)
+    return report(cfg, result)
+
+
+def report(cfg: TrainConfig, result) -> int:
+    """What `gan-ray train` prints when a run ends."""
+    from gan_ray.core.run_dir import METRICS_FILE, latest_checkpoint
+
+    run_dir = cfg.run_dir
+    if result is not None and getattr(result, "error", None):
+        print(f"training failed: {result.error}")
+        return 1
+    ckpt = latest_checkpoint(run_dir)
+    print(f"run directory: {run_dir}")
+    print(f"  metrics:     {run_dir / METRICS_FILE}")
+    print(f"  samples:     {run_dir / 'samples'}")
+    print(f"  checkpoint:  {ckpt if ckpt else '(none)'}")
+    if ckpt:
+        print(f"export it:     gan-ray export --checkpoint {run_dir} --out {Path('models') / cfg.name}"
+              "   (a run directory: its best checkpoint by fd)")
+    return 0

@@ -1,0 +1,66 @@
+"""One epoch of adversarial training over a rank's shard: the part of the per-worker loop that has no Ray in it.
+
+Used by the Ray Train worker loop, by the single-process reference in the benchmark and by tests, so all three run
+the same code. Metrics are accumulated on the device and synchronised once per epoch. The step function is
+`train_step` or a fast path from `gan_ray.core.fast_step` (same math, fewer launches): the caller picks it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from gan_ray.core.data import ImageDataset, shard_order
+from gan_ray.core.step import GANState, train_step
+
+
+@dataclass
+class EpochResult:
+    """Means over the epoch's steps on this rank, images this rank consumed, and seconds it took."""
+
+    loss_d: float
+    loss_g: float
+    d_real: float
+    d_fake: float
+    images: int
+    seconds: float
+    steps: int
+
+
+def steps_per_epoch(n_images: int, world_size: int, batch_size: int) -> int:
+    """Full batches per rank per epoch (identical on every rank, so DDP collectives line up)."""
+    return (n_images // world_size) // batch_size
+
+
+StepFn = Callable[..., dict]  # (state, real, labels) -> detached scalar tensors, like train_step
+
+
+def run_epoch(state: GANState, data: ImageDataset, *, epoch: int, rank: int, world_size: int, batch_size: int,
+              seed: int, step_fn: StepFn = train_step) -> EpochResult:
+    """Train over this rank's shard of one epoch. `data` may live on CPU or on the training device (then no host
+    copy happens per step: batches are gathered on the device)."""
+    device = next(state.D.parameters()).device
+    order = shard_order(len(data), epoch=epoch, rank=rank, world_size=world_size, seed=seed, device=data.images.device)
+    n_steps = len(order) // batch_size
+    sums = torch.zeros(4, device=device)  # loss_d, loss_g, d_real, d_fake
+    g_updates = 0
+    t0 = time.perf_counter()
+    for i in range(n_steps):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        real, labels = data.batch(idx)
+        real = real.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if state.spec.conditional else None
+        out = step_fn(state, real, labels)
+        sums[0] += out["loss_d"]
+        sums[2] += out["d_real"]
+        sums[3] += out["d_fake"]
+        if "loss_g" in out:
+            sums[1] += out["loss_g"]
+            g_updates += 1
+    vals = sums.tolist()  # the one host sync of the epoch
+    seconds = time.perf_counter() - t0
+    d = max(n_steps, 1)
+    return EpochResult(loss_d=vals[0] / d, loss_g=vals[1] / max(g_updates, 1), d_real=vals[2] / d,
+                       d_fake=vals[3] / d, images=n_steps * batch_size, seconds=seconds, steps=n_steps)

@@ -1,0 +1,203 @@
+"""Generator and discriminator architectures, behind a small registry.
+
+Pure `nn.Module`s: no I/O, no DDP. Every generator maps (z, labels) to images in [0, 1]; every discriminator maps
+(images, labels) to one logit per image. `labels` is ignored (and may be None) unless the model is conditional.
+
+- `mlp`: the seed MNIST GAN, exactly: G z->256->512->1024->C*H*W (sigmoid), D C*H*W->512->256->1, LeakyReLU(0.2).
+  Conditional variant: a learned label embedding concatenated to z (G) and to the flattened image (D).
+- `dcgan`: strided (transposed) convolutions sized for 28, 32 or 64 pixels. D has no BatchNorm, so DDP's buffer
+  broadcast has nothing to modify in place; conditional D is a projection discriminator (Miyato & Koyama 2018).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from gan_ray.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a generator/discriminator pair (saved in checkpoints and model.json)."""
+
+    arch: str
+    latent_dim: int
+    image_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int = 0  # 0 = unconditional
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "latent_dim": self.latent_dim, "image_shape": list(self.image_shape),
+                "num_classes": self.num_classes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        """A spec from model.json / checkpoint metadata, checked field by field: these files can be edited or
+        corrupted, and a bad value must fail here as one UserError, not deep inside a model or an encoder."""
+        if not isinstance(d, dict):
+            raise UserError(f"a model spec must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("arch", "latent_dim", "image_shape") if k not in d]
+        if missing:
+            raise UserError(f"model spec lacks {', '.join(missing)}")
+        arch, shape = d["arch"], d["image_shape"]
+        if not isinstance(arch, str):
+            raise UserError(f"arch must be a string, got {arch!r}")
+        latent_dim = _positive_int(d["latent_dim"], "latent_dim")
+        num_classes = d.get("num_classes", 0)
+        if not _is_int(num_classes) or num_classes < 0:
+            raise UserError(f"num_classes must be an integer >= 0 (0 = unconditional), got {num_classes!r}")
+        if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(_is_int(x) for x in shape):
+            raise UserError(f"image_shape must be three integers [C, H, W], got {shape!r}")
+        c, h, w = (_positive_int(x, "image_shape") for x in shape)
+        if c not in (1, 3):
+            raise UserError(f"image_shape must have 1 (grey) or 3 (RGB) channels, got {c}")
+        return cls(arch, latent_dim, (c, h, w), num_classes)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a size
+
+
+def _positive_int(x: object, name: str) -> int:
+    if not _is_int(x) or x < 1:  # type: ignore[operator]
+        raise UserError(f"{name} must hold positive integers, got {x!r}")
+    return x  # type: ignore[return-value]
+
+
+_BUILDERS: dict[str, Callable[[ModelSpec], tuple[nn.Module, nn.Module]]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        _BUILDERS[name] = fn
+        return fn
+    return deco
+
+
+def build(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
+    """Fresh (generator, discriminator) for a spec."""
+    if spec.arch not in _BUILDERS:
+        raise UserError(f"unknown --arch {spec.arch!r}; choose one of {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[spec.arch](spec)
+
+
+def build_generator(spec: ModelSpec) -> nn.Module:
+    return build(spec)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------- mlp
+class MLPGenerator(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        c, h, w = spec.image_shape
+        self.image_shape = spec.image_shape
+        self.embed = nn.Embedding(spec.num_classes, spec.num_classes) if spec.conditional else None
+        in_dim = spec.latent_dim + (spec.num_classes if spec.conditional else 0)
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, 256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 1024), nn.LeakyReLU(0.2),
+            nn.Linear(1024, c * h * w), nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        return self.net(z).view(z.shape[0], *self.image_shape)
+
+
+class MLPDiscriminator(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        c, h, w = spec.image_shape
+        self.embed = nn.Embedding(spec.num_classes, spec.num_classes) if spec.conditional else None
+        in_dim = c * h * w + (spec.num_classes if spec.conditional else 0)
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, 512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 1),  # a logit: the seed's final sigmoid lives inside the loss, for stability
+        )
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.flatten(1)
+        if self.embed is not None:
+            x = torch.cat([x, self.embed(labels)], dim=1)
+        return self.net(x).squeeze(1)
+
+
+@register("mlp")
+def _mlp(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
+    return MLPGenerator(spec), MLPDiscriminator(spec)
+
+
+# -------------------------------------------------------------------------------------------------------- dcgan
+def _base_size(side: int) -> tuple[int, int]:
+    """Starting side and number of 2x up/down-samplings for a supported resolution."""
+    table = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
+    if side not in table:
+        raise UserError(f"--arch dcgan supports 28, 32 or 64 pixel images, got {side}")
+    return table[side]
+
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, spec: ModelSpec, width: int = 64):
+        super().__init__()
+        c, h, w = spec.image_shape
+        if h != w:
+            raise UserError(f"--arch dcgan needs square images, got {h}x{w}")
+        base, n_up = _base_size(h)
+        self.embed = nn.Embedding(spec.num_classes, 32) if spec.conditional else None
+        in_dim = spec.latent_dim + (32 if spec.conditional else 0)
+        ch = width * 2 ** (n_up - 1)
+        self.base, self.ch0 = base, ch
+        self.project = nn.Sequential(nn.Linear(in_dim, ch * base * base), nn.BatchNorm1d(ch * base * base), nn.ReLU())
+        ups: list[nn.Module] = []
+        for _ in range(n_up - 1):
+            ups += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU()]
+            ch //= 2
+        ups += [nn.ConvTranspose2d(ch, c, 4, 2, 1), nn.Sigmoid()]
+        self.up = nn.Sequential(*ups)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        x = self.project(z).view(z.shape[0], self.ch0, self.base, self.base)
+        return self.up(x)
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, spec: ModelSpec, width: int = 64):
+        super().__init__()
+        c, h, _ = spec.image_shape
+        base, n_down = _base_size(h)
+        layers: list[nn.Module] = []
+        ch_in, ch = c, width
+        for _ in range(n_down):
+            layers += [nn.Conv2d(ch_in, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+            ch_in, ch = ch, ch * 2
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        feat = ch_in * base * base
+        self.head = nn.Linear(feat, 1)
+        self.embed = nn.Embedding(spec.num_classes, feat) if spec.conditional else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        f = self.features(x)
+        out = self.head(f).squeeze(1)
+        if self.embed is not None:  # projection: <embed(y), features>
+            out = out + (self.embed(labels) * f).sum(1)
+        return out
+
+
+@register("dcgan")
+def _dcgan(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
+    return DCGANGenerator(spec), DCGANDiscriminator(spec)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

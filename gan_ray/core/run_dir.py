@@ -1,0 +1,136 @@
+"""A run directory: its config.json, its metrics.jsonl and its checkpoints (which one is latest, which is best).
+
+Ray Train writes the checkpoint directories (`checkpoint_*`, each a `gan_ray.core.checkpoint`); the worker loop
+appends one metrics row per epoch. Everything here only reads and writes files, so the CLI (`export RUN_DIR`
+without a cluster), the driver and the tests share it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from gan_ray.core.checkpoint import CONFIG_FILE, STATE_FILE
+from gan_ray.core.config import TrainConfig, save_json
+from gan_ray.core.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG = "config.json"  # the resolved TrainConfig of the run (each checkpoint holds its own copy too)
+# What must match for a re-used run directory to resume: its checkpoints could not be loaded otherwise.
+IDENTITY_KEYS = ("dataset", "arch", "conditional", "latent_dim", "image_size")
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+def check_compatible(cfg: TrainConfig) -> None:
+    """A re-used run directory must hold the same model and data."""
+    saved = cfg.run_dir / RUN_CONFIG
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        for key in IDENTITY_KEYS:
+            if old.get(key) != getattr(cfg, key):
+                raise UserError(f"run {cfg.run_dir} was trained with {key}={old.get(key)!r}; cannot resume it with "
+                                f"{key}={getattr(cfg, key)!r} (use another --name)")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> None:
+    """Create the run directory and save the resolved config (call after `check_compatible` passed)."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, cfg.run_dir / RUN_CONFIG)
+
+
+# -------------------------------------------------------------------------------------------- metrics.jsonl
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop rows after `last_epoch`: after a failure those epochs are trained again from the checkpoint."""
+    if not path.exists():
+        return
+    rows = read_metrics(path)
+    kept = [r for r in rows if r.get("epoch", 0) <= last_epoch]
+    if len(kept) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+
+
+def format_progress(row: dict, total_epochs: int) -> str:
+    """One console line per epoch."""
+    parts = [f"epoch {row['epoch']:>3}/{total_epochs}", f"step {row['step']:>6}",
+             f"loss_d {row['loss_d']:.3f}", f"loss_g {row['loss_g']:.3f}",
+             f"D(x) {row['d_real']:.2f}", f"D(G(z)) {row['d_fake']:.2f}",
+             f"{row['images_per_s']:,.0f} img/s", f"{row.get('wall_s', 0):.1f}s"]
+    for key in ("fd", "fd_ratio", "class_coverage", "label_accuracy"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.3g}")
+    return "  ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoints(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, config.json contents) of every readable checkpoint of a run, oldest epoch first."""
+    found = []
+    for meta_file in Path(run_dir).expanduser().glob("checkpoint_*/" + CONFIG_FILE):
+        if not (meta_file.parent / STATE_FILE).is_file():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+            int(meta.get("epoch", -1))
+        except (ValueError, TypeError, AttributeError, json.JSONDecodeError, OSError):
+            continue
+        found.append((meta_file.parent, meta))
+    return sorted(found, key=lambda item: (int(item[1].get("epoch", -1)), item[0].name))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint directory of a run (by epoch), or None."""
+    found = checkpoints(run_dir)
+    return found[-1][0] if found else None
+
+
+def finished_epochs(run_dir: str | Path) -> int:
+    """Epochs covered by the run's newest checkpoint (0 when there is none)."""
+    found = checkpoints(run_dir)
+    return int(found[-1][1]["epoch"]) if found else 0
+
+
+def _fd(meta: dict[str, Any]) -> float | None:
+    value = (meta.get("metrics") or {}).get("fd")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the lowest fd (the later one on a tie); the latest when none recorded fd; None when the
+    run has no checkpoint."""
+    return select(run_dir)[0]
+
+
+def select(run_dir: str | Path) -> tuple[Path | None, str]:
+    """(checkpoint, why it was chosen): the best by `fd` (recorded at each checkpoint by the training hook), else
+    the latest."""
+    found = checkpoints(run_dir)
+    if not found:
+        return None, "no checkpoints"
+    scored = [(fd, int(meta["epoch"]), path) for path, meta in found if (fd := _fd(meta)) is not None]
+    if scored:
+        fd, epoch, path = min(scored, key=lambda t: (t[0], -t[1]))
+        return path, f"best fd {fd:.4g} (epoch {epoch}) of {len(scored)} scored checkpoint(s)"
+    path, meta = found[-1]
+    return path, f"latest (epoch {meta['epoch']}; no checkpoint recorded fd)"
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """A checkpoint directory as given, or a run directory's best checkpoint; a clear error otherwise."""
+    p = Path(path).expanduser()
+    if (p / STATE_FILE).is_file():
+        return p, "as given"
+    if p.is_dir():
+        chosen, why = select(p)
+        if chosen is not None:
+            return chosen, why
+        raise UserError(f"{p} is neither a checkpoint nor a run directory with checkpoints")
+    raise UserError(f"checkpoint not found: {p}")

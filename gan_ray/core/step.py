@@ -1,0 +1,214 @@
+"""The adversarial step and the EMA generator, on a small state object. Pure PyTorch, no Ray.
+
+`GANState` holds G, D (possibly DDP-wrapped: whoever builds the state decides), the EMA copy of G and both
+optimisers. `train_step` runs one discriminator update and, every `d_steps` calls, one generator update.
+Progress is counted in images seen (all workers), so the EMA half-life does not depend on the worker count.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from gan_ray.core import losses
+from gan_ray.core.models import ModelSpec
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside a DDP / torch.compile wrapper."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module
+
+
+@dataclass
+class GANState:
+    """Everything that trains, plus the counters that a checkpoint must restore."""
+
+    spec: ModelSpec
+    G: nn.Module
+    D: nn.Module
+    G_ema: nn.Module | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    loss: str = "bce"
+    d_steps: int = 1
+    ema_halflife_kimg: float = 5.0
+    ema_rampup: float = 0.05  # half-life is at most this fraction of images seen (StyleGAN2's ramp-up)
+    world_size: int = 1
+    step: int = 0  # discriminator updates done
+    images_seen: int = 0  # real images consumed, all workers together
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator used for sampling, evaluation and export: the EMA one when enabled."""
+        return self.G_ema if self.G_ema is not None else unwrap(self.G)
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """`net` in eval mode for a look at it (sample grids): BatchNorm uses its running statistics, as exported models
+    do, and its buffers are not updated by the look; the previous mode is restored afterwards."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+def make_state(spec: ModelSpec, G: nn.Module, D: nn.Module, *, lr_g: float, lr_d: float, beta1: float,
+               beta2: float = 0.999, loss: str = "bce", d_steps: int = 1, ema: bool = True,
+               ema_halflife_kimg: float = 5.0, world_size: int = 1, capturable: bool = False) -> GANState:
+    """Adam for both networks (separate learning rates), and the EMA copy taken from G's initial weights."""
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=(beta1, beta2), capturable=capturable)
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=(beta1, beta2), capturable=capturable)
+    g_ema = copy.deepcopy(unwrap(G)).eval().requires_grad_(False) if ema else None
+    return GANState(spec, G, D, g_ema, opt_g, opt_d, loss=loss, d_steps=d_steps,
+                    ema_halflife_kimg=ema_halflife_kimg, world_size=world_size)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters don't require grad inside: the G update computes no D gradients (and DDP syncs none)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def sample_latent(n: int, latent_dim: int, *, device: torch.device | str = "cpu",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randn(n, latent_dim, device=device, generator=generator)
+
+
+def latent_for_seed(n: int, latent_dim: int, seed: int | None) -> torch.Tensor:
+    """Noise drawn on the CPU from a private generator: same seed, same z on every machine and device (what
+    sampling, serving, evaluation and the training grids use; the training step itself draws from torch's RNG)."""
+    # No seed: a fresh one from the OS. torch.seed() would reseed torch's global RNG and undo a caller's
+    # torch.manual_seed.
+    gen = torch.Generator().manual_seed(int(seed) if seed is not None else secrets.randbits(63))
+    return torch.randn(n, latent_dim, generator=gen)
+
+
+def sample_labels(n: int, num_classes: int, *, device: torch.device | str = "cpu",
+                  generator: torch.Generator | None = None) -> torch.Tensor | None:
+    if num_classes == 0:
+        return None
+    return torch.randint(0, num_classes, (n,), device=device, generator=generator)
+
+
+@dataclass
+class StepNets:
+    """The callables one adversarial step runs through, so a fast path (torch.compile, autocast) reuses this math.
+
+    The update that trains a network calls it through its DDP wrapper (`G_train`, `D_train`: gradients are
+    all-reduced); the other network is called as the plain module (`G_plain`, `D_plain`: no DDP hooks, no sync).
+    `autocast` wraps the forward passes (a no-op in fp32); losses are always computed in fp32.
+    """
+
+    G_train: Callable[..., torch.Tensor]
+    G_plain: Callable[..., torch.Tensor]
+    D_train: Callable[..., torch.Tensor]
+    D_plain: Callable[..., torch.Tensor]
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @classmethod
+    def of(cls, state: "GANState") -> "StepNets":
+        return cls(state.G, unwrap(state.G), state.D, unwrap(state.D))
+
+
+def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
+             nets: StepNets | None = None) -> dict[str, torch.Tensor]:
+    """One discriminator step: real and fake go through D in a single forward (one DDP all-reduce)."""
+    nets = nets or StepNets.of(state)
+    d_loss_fn, _ = losses.get(state.loss)
+    n = real.shape[0]
+    z = sample_latent(n, state.spec.latent_dim, device=real.device)
+    fake_labels = sample_labels(n, state.spec.num_classes, device=real.device) if labels is not None else None
+    with nets.autocast():
+        with torch.no_grad():
+            fake = nets.G_plain(z, fake_labels).to(real.dtype)
+        both = torch.cat([real, fake])
+        both_labels = torch.cat([labels, fake_labels]) if labels is not None else None
+        logits = nets.D_train(both, both_labels).float()
+    real_logits, fake_logits = logits[:n], logits[n:]
+    loss_d = d_loss_fn(real_logits, fake_logits)
+    state.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    state.opt_d.step()
+    return {"loss_d": loss_d.detach(), "d_real": torch.sigmoid(real_logits.detach()).mean(),
+            "d_fake": torch.sigmoid(fake_logits.detach()).mean()}
+
+
+def g_update(state: GANState, n: int, device: torch.device | str, conditional: bool,
+             nets: StepNets | None = None) -> torch.Tensor:
+    """One generator step through a frozen D (the plain module: no DDP hooks for D's parameters)."""
+    nets = nets or StepNets.of(state)
+    _, g_loss_fn = losses.get(state.loss)
+    z = sample_latent(n, state.spec.latent_dim, device=device)
+    fake_labels = sample_labels(n, state.spec.num_classes, device=device) if conditional else None
+    with frozen(unwrap(state.D)):
+        with nets.autocast():
+            fake = nets.G_train(z, fake_labels)
+            logits = nets.D_plain(fake, fake_labels).float()
+        loss_g = g_loss_fn(logits)
+    state.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    state.opt_g.step()
+    return loss_g.detach()
+
+
+def ema_beta(state: GANState, batch_images: int) -> float:
+    """Per-update decay so that the EMA's half-life is `ema_halflife_kimg` thousand images (ramped up early)."""
+    halflife = state.ema_halflife_kimg * 1000
+    if state.ema_rampup:
+        halflife = min(halflife, state.images_seen * state.ema_rampup)
+    return 0.5 ** (batch_images / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(state: GANState, batch_images: int) -> None:
+    if state.G_ema is None:
+        return
+    ema_lerp(state, 1.0 - ema_beta(state, batch_images))
+
+
+@torch.no_grad()
+def ema_lerp(state: GANState, weight: float | torch.Tensor) -> None:
+    """G_ema += weight * (G - G_ema). `weight` may be a device scalar (a CUDA graph replays it with new values)."""
+    src = unwrap(state.G)
+    for p_ema, p in zip(state.G_ema.parameters(), src.parameters()):
+        p_ema.lerp_(p.detach(), weight)
+    for b_ema, b in zip(state.G_ema.buffers(), src.buffers()):
+        b_ema.copy_(b)
+
+
+def train_step(state: GANState, real: torch.Tensor, labels: torch.Tensor | None = None,
+               nets: StepNets | None = None) -> dict[str, torch.Tensor]:
+    """One D update, plus a G update (and EMA update) every `d_steps` calls. Returns detached scalar tensors.
+
+    `labels` must be given for a conditional model and None otherwise. Metrics stay on the device: callers
+    decide when to synchronise (`.item()` every step would stall a GPU).
+    """
+    conditional = state.spec.conditional
+    if conditional and labels is None:
+        raise ValueError("conditional model needs labels")
+    out = d_update(state, real, labels if conditional else None, nets)
+    state.step += 1
+    n = real.shape[0]
+    state.images_seen += n * state.world_size
+    if state.step % state.d_steps == 0:
+        out["loss_g"] = g_update(state, n, real.device, conditional, nets)
+        update_ema(state, n * state.world_size * state.d_steps)
+    return out

@@ -1,0 +1,178 @@
+"""The Ray Serve deployment: an exported generator behind a batched, autoscaled, versioned HTTP API.
+
+One deployment, `GeneratorServer`, is both the FastAPI ingress and the model: no second hop between an HTTP
+front and a model deployment. Requests from many callers are merged by `@serve.batch` into one generator
+forward (`gan_ray.serve.render`), encoded in that same batched call, so the replica's event loop only parses
+requests and writes responses.
+
+Ray's own tools use the module-level builder (keep the import path and arguments stable: the KubeRay RayService
+reuses them):
+
+    serve run gan_ray.serve:app model=/path/to/model [max_replicas=4 target_ongoing=8 ...]
+    serve deploy gan_ray/serve/serve_config.yaml     # or the file `gan-ray serve --build` writes
+"""
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi.responses import Response
+from ray import serve
+
+from gan_ray.cluster import ensure_ray
+from gan_ray.core.model_dir import load_generator
+from gan_ray.serve.http import GENERATE_ROUTE, job_or_422, new_api, response
+from gan_ray.serve.render import Job, Rendered, Renderer
+from gan_ray.serve.schema import API_VERSION, APP_NAME, GenerateRequest, ServeArgs
+
+log = logging.getLogger("ray.serve")
+
+
+def deterministic_cudnn() -> None:
+    """Pin cuDNN to deterministic kernels. Responses are promised byte-identical for the same (n, labels, seed),
+    but cuDNN's autotuner (benchmark mode) may pick a different, possibly non-deterministic, convolution algorithm
+    per process and shape. (A module-level function: Serve pickles the deployment class by value, and a method
+    that touched torch.backends.cudnn itself would drag the unpicklable CudnnModule along.)"""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+api = new_api()
+
+
+@serve.deployment(name="GeneratorServer")
+@serve.ingress(api)
+class GeneratorServer:
+    """Ingress and model in one replica (no second deployment hop). Each request is validated by FastAPI, then
+    joins a `@serve.batch` that renders many requests with one forward and encodes them in the same call."""
+
+    def __init__(self, model_dir: str, device: str = "cpu", max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.0, torch_threads: int = 1):
+        if device == "cpu":
+            torch.set_num_threads(torch_threads)
+        else:
+            deterministic_cudnn()
+        t0 = time.perf_counter()
+        self.renderer = Renderer.load(model_dir, device)
+        self.render_batch.set_max_batch_size(max_batch_size)
+        self.render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        log.info("gan-ray: loaded %s on %s in %.2fs; one forward per batch: %s", model_dir, device,
+                 time.perf_counter() - t0, "yes" if self.renderer.merge_forwards else
+                 "no (a merged forward is not bit-identical on this device; one forward per request)")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def render_batch(self, jobs: list[Job]) -> list[Rendered]:
+        # Inline on the replica's user-code loop (Serve runs it on its own thread). Measured on 2 cores: a
+        # worker-thread hop (asyncio.to_thread) cost 15-25% more CPU per request than it overlapped; requests
+        # that arrive meanwhile simply form the next batch.
+        return self.renderer.render(jobs)
+
+    @api.post(f"/{API_VERSION}/generate", **GENERATE_ROUTE)
+    async def generate(self, req: GenerateRequest) -> Response:
+        return response(await self.render_batch(job_or_422(self.renderer, req)))
+
+    @api.get(f"/{API_VERSION}/model", summary="the model.json of the model being served")
+    async def model(self) -> dict[str, Any]:
+        return self.renderer.model_info()
+
+    @api.get("/healthz", summary="liveness")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def check_model(model_dir: str | Path) -> Path:
+    """Fail before anything is served: the directory must load (format, weights) where the app is built. Returns
+    its absolute path (what the replicas are given)."""
+    path = Path(model_dir).expanduser().resolve()
+    load_generator(path)
+    return path
+
+
+def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
+    """Serve's application builder (`serve run gan_ray.serve:app model=DIR`): validates the arguments, checks the
+    model, then binds the deployment."""
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
+    return bind(args, check_model(args.model))
+
+
+def bind(args: ServeArgs, model_dir: Path) -> serve.Application:
+    """The single ingress+model deployment with its autoscaling and batching settings, for a checked model."""
+    limit = args.ongoing_limit
+    device = "cuda" if args.gpus_per_replica > 0 else "cpu"
+    deployment = GeneratorServer.options(
+        autoscaling_config=args.autoscaling_config(),
+        max_ongoing_requests=limit,
+        health_check_period_s=args.health_check_period_s,
+        health_check_timeout_s=args.health_check_timeout_s,
+        ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
+        logging_config={"enable_access_log": args.access_log},
+    )
+    return deployment.bind(str(model_dir), device=device, max_batch_size=min(args.max_batch_size, limit),
+                           batch_wait_timeout_s=args.batch_wait_timeout_s, torch_threads=args.torch_threads)
+
+
+app = build_app  # the import path Ray's tools and the RayService use: gan_ray.serve:app
+
+
+def deploy_config(args: ServeArgs, *, host: str = "0.0.0.0", port: int = 8000) -> dict[str, Any]:
+    """A `serve deploy` config (ServeDeploySchema) for this app: what `gan-ray serve --build` writes."""
+    given = args.model_dump(exclude_defaults=True)
+    given["model"] = str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().exists() \
+        else args.model
+    return {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port},
+            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "gan_ray.serve:app",
+                              "args": given}]}
+
+
+_state: dict[str, Any] = {}
+
+
+def http_url(host: str | None = None) -> str:
+    """Base URL of the running Serve HTTP proxy (the port Serve actually bound, which a cluster may have fixed)."""
+    from ray.serve.context import _get_global_client
+
+    cfg = _get_global_client().http_config
+    h = host or cfg.host
+    return f"http://{'127.0.0.1' if h in ('0.0.0.0', '') else h}:{cfg.port}"
+
+
+def start_serving(model: ServeArgs | str | Path, *, host: str = "127.0.0.1", port: int = 8000,
+                  address: str | None = None, name: str = APP_NAME, route_prefix: str = "/", wait_s: float = 120.0,
+                  ingress: str | None = None, **options: Any) -> str:
+    """Deploy the app (starting or joining Ray and Serve) and return its base URL once /healthz answers.
+
+    `model`: the settings (ServeArgs), or a model directory with ServeArgs fields as `options` (min_replicas=...,
+    target_ongoing=...). `ingress` (haproxy | proxy, see gan_ray.cluster) applies when this call starts the Ray
+    cluster. Model errors raise UserError before Ray is touched."""
+    import ray
+
+    args = model if isinstance(model, ServeArgs) else ServeArgs(model=str(model), **options)
+    model_dir = check_model(args.model)
+    started_ray = not ray.is_initialized()
+    ensure_ray(address, ingress=ingress)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(bind(args, model_dir), name=name, route_prefix=route_prefix)
+    url = http_url() + route_prefix.rstrip("/")
+    from gan_ray.serve.client import wait_ready
+
+    wait_ready(url, timeout_s=wait_s)
+    _state.update(name=name, started_ray=_state.get("started_ray", False) or started_ray)
+    return url
+
+
+def stop_serving(name: str | None = None, *, shutdown_serve: bool = True) -> None:
+    """Delete the app; shut Serve down (and Ray, if start_serving started it)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.delete(name or _state.get("name", APP_NAME))
+        if shutdown_serve:
+            serve.shutdown()
+    finally:
+        if shutdown_serve and _state.pop("started_ray", False):
+            ray.shutdown()
+        _state.pop("name", None)

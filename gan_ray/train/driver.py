@@ -1,0 +1,173 @@
+"""The Ray Train driver: `fit` launches (or resumes) a training run and shows its progress.
+
+`fit` checks everything it can before Ray starts (the dataset, a re-used run directory, whether the run is
+already finished), prepares the quality hooks (`gan_ray.eval.hook`), then runs a `TorchTrainer` over
+`gan_ray.train.worker.train_loop_per_worker`, printing one line per epoch from the run's metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+from gan_ray.cluster import ensure_ray
+from gan_ray.core.config import TrainConfig
+from gan_ray.core.data import describe_dataset
+from gan_ray.core.errors import UserError
+from gan_ray.core.run_dir import (METRICS_FILE, check_compatible, finished_epochs, format_progress,
+                                  prepare_run_dir)
+from gan_ray.train.worker import EpochHook, train_loop_per_worker
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail fast (instead of hanging on a placement group) when the cluster can never hold the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.workers * cfg.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise UserError(f"--workers {cfg.workers} x {cfg.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but the "
+                        f"cluster has {total.get('CPU', 0):g}")
+    need_gpu = cfg.workers * cfg.gpus_per_worker
+    if need_gpu > total.get("GPU", 0):
+        raise UserError(f"--workers {cfg.workers} x --gpus-per-worker {cfg.gpus_per_worker:g} needs {need_gpu:g} "
+                        f"GPUs but the cluster has {total.get('GPU', 0):g}")
+
+
+class ProgressPrinter(threading.Thread):
+    """Prints one line per epoch from metrics.jsonl while `trainer.fit()` blocks (driver side, no prefixes).
+
+    A restore after a lost worker replaces the file (rows after the checkpoint dropped, then replayed), possibly
+    between two polls; rows are therefore told apart by (epoch, time), not by file offset, and each is printed
+    once: replayed epochs print again, because they are trained again."""
+
+    def __init__(self, path: Path, total_epochs: int, print_fn: Callable[[str], None] = print):
+        super().__init__(daemon=True)
+        self.path, self.total, self.print_fn = path, total_epochs, print_fn
+        self.stop_event = threading.Event()
+        self.inode: int | None = None
+        self.offset = 0
+        self.seen: set[tuple] = set()
+        for row in self._new_rows():  # rows of an earlier run of this directory are not this run's progress
+            self.seen.add(self._key(row))
+
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return row.get("epoch"), row.get("time")
+
+    def _new_rows(self) -> list[dict]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return []
+        if st.st_ino != self.inode or st.st_size < self.offset:  # replaced or truncated: read it from the start
+            self.inode, self.offset = st.st_ino, 0
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        rows = []
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # never let one odd line end the progress display
+                continue
+        return rows
+
+    def poll(self) -> None:
+        for row in self._new_rows():
+            if self._key(row) not in self.seen and "epoch" in row:
+                self.seen.add(self._key(row))
+                self.print_fn(format_progress(row, self.total))
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.5):
+            self.poll()
+        self.poll()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=5)
+
+
+# How often the Train controller polls its workers. Each poll takes at most one `ray.train.report` from a worker
+# (its result queue holds one), so an epoch shorter than this waits for the next poll: at Ray's default (2 s) the
+# demo's 0.75 s epochs took 2.0 s each. The driver's value is passed on to the controller it launches.
+REPORT_POLL_S = "0.25"
+
+
+def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callbacks: list | None = None):
+    """The TorchTrainer for a validated config (used by `fit` and by Tune trial drivers)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.gpus_per_worker:
+        resources["GPU"] = cfg.gpus_per_worker
+    score = {"checkpoint_score_attribute": "fd", "checkpoint_score_order": "min"} if hooks else {}
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)  # a user's own value wins
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "hooks": hooks or []},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(Path(cfg.storage).expanduser().resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep, **score),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def fit(cfg: TrainConfig, *, address: str | None = None, quality: bool = True, progress: bool = True):
+    """Train (or resume) a run; returns Ray's Result, or None when the run had already reached `cfg.epochs`.
+
+    `quality`: score the EMA generator at every checkpoint (fd and the rest, `gan_ray.eval.hook`), which also lets
+    Train keep the best checkpoints by fd; off, checkpoints are kept by recency."""
+    describe_dataset(cfg)  # bad dataset / --conditional on unlabelled data: fail before anything else
+    check_compatible(cfg)  # also when there is nothing left to train: a mismatch is still the user's mistake
+    done = finished_epochs(cfg.run_dir)
+    if done >= cfg.epochs:
+        print(f"run {cfg.run_dir} already has {done} of {cfg.epochs} epochs; nothing to do")
+        return None
+    hooks: list[EpochHook] = []
+    if quality:
+        from gan_ray.eval.hook import hooks_for
+
+        hooks = hooks_for(cfg)  # may train the dataset's feature extractor once (cached)
+    ensure_ray(address)
+    check_resources(cfg)
+    prepare_run_dir(cfg)
+    printer = ProgressPrinter(cfg.run_dir / METRICS_FILE, cfg.epochs) if progress else None
+    if printer:
+        printer.start()
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer_for(cfg, hooks=hooks).fit()
+    except TrainingFailedError as exc:
+        user_error = worker_user_error(exc)
+        if user_error is None:
+            raise  # a bug, or a failure Ray could not recover from: its traceback says where
+        raise user_error from None
+    finally:
+        if printer:
+            printer.stop()
+
+
+def worker_user_error(exc: BaseException) -> UserError | None:
+    """The bad input a worker refused (e.g. bf16 on a GPU without it), from Train's failure; None if there is none.
+
+    Only the workers can check what depends on their device or their copy of the data; the driver then reports
+    it as one line (exit 2) instead of Train's traceback."""
+    for error in (getattr(exc, "worker_failures", None) or {}).values():
+        if isinstance(error, UserError):
+            return UserError(str(error))
+    return None

@@ -1,0 +1,311 @@
+"""What a sweep searches and how it runs, parsed from flags and YAML: pure Python, no Ray (the Tune objects are
+made in gan_ray.tune.schedulers).
+
+Every TrainConfig field can be fixed or searched. On the command line a value is
+  `2e-4`            fixed
+  `1e-5:1e-2`       log-uniform range (floats and integers; both bounds positive, low < high)
+  `0.3:0.7:lin`     uniform range (`:log` spells the default explicitly)
+  `32,64,128`       a choice among values
+In a `--space FILE.yaml` the same strings work, and also YAML lists (a choice) and mappings
+`{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{choice: [...]}`. Flags override the file; the default space
+(`lr_g`, `lr_d` log-uniform in [2e-5, 2e-3], `latent_dim` in {16, 32, 64, 100, 128}) fills what neither gives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from gan_ray.core.config import TrainConfig, coerce, field_types, flag_name, validation_message
+from gan_ray.core.errors import UserError
+
+# The objective: every trial reports `fd` (lower is better) each epoch; ASHA rungs and PBT intervals count epochs
+# (robust to restarts, unlike Tune's training_iteration).
+METRIC, MODE = "fd", "min"
+TIME_ATTR = "epoch"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A continuous (float) or integer range; `log` samples the logarithm uniformly."""
+
+    low: float
+    high: float
+    log: bool = True
+
+    def describe(self) -> str:
+        return f"{'log-uniform' if self.log else 'uniform'} [{self.low:g}, {self.high:g}]"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a list of values, each equally likely."""
+
+    values: tuple
+
+    def describe(self) -> str:
+        return "{" + ", ".join(str(v) for v in self.values) + "}"
+
+
+Dimension = Union[Range, Choice]
+
+DRIVER_CPU = 0.01  # a trial's driver only waits on Train; it must not take a worker's CPU slot
+SCHEDULERS = ("asha", "pbt", "none")
+SEARCHERS = ("random", "optuna")
+
+DEFAULT_SPACE: dict[str, Dimension] = {
+    "lr_g": Range(2e-5, 2e-3),
+    "lr_d": Range(2e-5, 2e-3),
+    "latent_dim": Choice((16, 32, 64, 100, 128)),
+}
+
+# Fields a sweep sets itself or that would make trials incomparable: they can be fixed, never searched.
+NOT_SEARCHABLE = {
+    "epochs": "it is the per-trial budget (--epochs)",
+    "workers": "it is a resource (--workers-per-trial)",
+    "gpus_per_worker": "it is a resource",
+    "cpus_per_worker": "it is a resource",
+    "storage": "it is where the sweep is written",
+    "name": "it names the sweep",
+    "data_dir": "it is a location",
+    "dataset": "fd is not comparable across datasets",
+    "eval_samples": "fd's bias depends on the sample count, so trials would not be comparable",
+    "eval_every": "the sweep sets it",
+    "checkpoint_every": "the sweep sets it",
+    "max_failures": "it is a fault-tolerance setting",
+}
+
+
+@dataclass
+class SearchSpace:
+    """Fixed values (TrainConfig field -> value) and searched dimensions (field -> Range/Choice)."""
+
+    fixed: dict[str, Any]
+    dims: dict[str, Dimension]
+
+    def describe(self) -> list[str]:
+        return [f"{name}: {dim.describe()}" for name, dim in self.dims.items()]
+
+
+def _number(name: str, text: str, where: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise UserError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise UserError(f"{where}: {text!r} is not a finite number")
+    return v
+
+
+def parse_range(name: str, low: Any, high: Any, log: bool, where: str) -> Range:
+    """A validated range for a numeric field: low < high, both positive for a log range, integers for ints."""
+    kind = field_types()[name]
+    if kind not in (int, float):
+        raise UserError(f"{where}: a range needs a numeric flag; {flag_name(name)} is {kind.__name__} (use a,b,c)")
+    lo, hi = _number(name, str(low), where), _number(name, str(high), where)
+    if not lo < hi:
+        raise UserError(f"{where}: range {low}:{high} is empty or reversed (write LOW:HIGH with LOW < HIGH)")
+    if log and lo <= 0:
+        raise UserError(f"{where}: a log range needs positive bounds, got {low}:{high} (add :lin for a uniform one)")
+    if kind is int:
+        if not (lo.is_integer() and hi.is_integer()):
+            raise UserError(f"{where}: {flag_name(name)} is an integer; range bounds must be integers, got {low}:{high}")
+        lo, hi = int(lo), int(hi)
+    return Range(lo, hi, log)
+
+
+def parse_choice(name: str, values: list, where: str) -> Choice:
+    if not values:
+        raise UserError(f"{where}: empty choice")
+    out = []
+    for v in values:
+        v = v.strip() if isinstance(v, str) else v
+        if v == "":
+            raise UserError(f"{where}: empty value in choice")
+        try:
+            out.append(coerce(name, v))
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    if len(set(out)) != len(out):
+        raise UserError(f"{where}: repeated value in choice {values}")
+    return Choice(tuple(out))
+
+
+def parse_text(name: str, text: str, where: str | None = None) -> Any:
+    """A flag's text -> a fixed value, a Range or a Choice."""
+    where = where or f"{flag_name(name)} {text}"
+    kind = field_types()[name]
+    text = text.strip()
+    if kind in (int, float) and ":" in text:
+        parts = text.split(":")
+        if len(parts) == 3 and parts[2] in ("log", "lin"):
+            return parse_range(name, parts[0], parts[1], parts[2] == "log", where)
+        if len(parts) != 2:
+            raise UserError(f"{where}: expected LOW:HIGH or LOW:HIGH:lin")
+        return parse_range(name, parts[0], parts[1], True, where)
+    if "," in text and not (kind is str and name == "dataset"):
+        return parse_choice(name, text.split(","), where)
+    try:
+        return coerce(name, text)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def parse_file_value(name: str, value: Any, where: str) -> Any:
+    """A YAML value -> fixed value, Range or Choice."""
+    if isinstance(value, str):
+        return parse_text(name, value, where)
+    if isinstance(value, list):
+        return parse_choice(name, value, where)
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise UserError(f"{where}: expected one of loguniform: [lo, hi], uniform: [lo, hi], choice: [...]")
+        (kind, arg), = value.items()
+        if kind == "choice" and isinstance(arg, list):
+            return parse_choice(name, arg, where)
+        if kind in ("loguniform", "uniform") and isinstance(arg, list) and len(arg) == 2:
+            return parse_range(name, arg[0], arg[1], kind == "loguniform", where)
+        raise UserError(f"{where}: expected one of loguniform: [lo, hi], uniform: [lo, hi], choice: [...]")
+    try:
+        return coerce(name, value)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def _known(name: str, source: str) -> str:
+    norm = name.replace("-", "_")
+    if norm not in TrainConfig.model_fields:
+        raise UserError(f"unknown key {name!r} in {source} (keys are training flags, e.g. lr_g, latent_dim)")
+    return norm
+
+
+def build_space(cli_values: Mapping[str, str], file_values: Mapping[str, Any] | None = None, *,
+                file_name: str = "the space file", use_defaults: bool = True) -> SearchSpace:
+    """Merge the default space < the space file < command-line flags into fixed values and dimensions.
+
+    `cli_values` are the flag texts of `add_train_flags(as_strings=True)` that were actually given.
+    """
+    parsed: dict[str, Any] = dict(DEFAULT_SPACE) if use_defaults else {}
+    for key, value in (file_values or {}).items():
+        name = _known(str(key), file_name)
+        parsed[name] = parse_file_value(name, value, f"{file_name}: {key}")
+    for key, text in cli_values.items():
+        name = _known(key, "flags")
+        parsed[name] = parse_text(name, str(text))
+    fixed = {k: v for k, v in parsed.items() if not isinstance(v, (Range, Choice))}
+    dims = {k: v for k, v in parsed.items() if isinstance(v, (Range, Choice))}
+    for name in dims:
+        if name in NOT_SEARCHABLE:
+            raise UserError(f"{flag_name(name)} cannot be searched: {NOT_SEARCHABLE[name]}; give one value")
+    space = SearchSpace(fixed, dims)
+    check_values(space)
+    return space
+
+
+def corner_configs(space: SearchSpace) -> list[dict[str, Any]]:
+    """Configs that put each dimension at each of its extremes/choices (others at their first value):
+    validating these catches a bad value anywhere in the space before a single trial starts."""
+    def first(dim: Dimension) -> Any:
+        return dim.low if isinstance(dim, Range) else dim.values[0]
+
+    base = {**space.fixed, **{k: first(d) for k, d in space.dims.items()}}
+    out = [dict(base)]
+    for name, dim in space.dims.items():
+        values = (dim.low, dim.high) if isinstance(dim, Range) else dim.values
+        out.extend({**base, name: v} for v in values)
+    return out
+
+
+def check_values(space: SearchSpace) -> None:
+    """Every value the sweep can draw must make a valid TrainConfig (e.g. `--latent-dim 0,64` fails here)."""
+    for values in corner_configs(space):
+        TrainConfig.from_dict(values)
+
+
+def sample_config(space: SearchSpace, draw: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of one trial: the fixed values plus the trial's drawn values (coerced to field types)."""
+    values = {**space.fixed, **{k: coerce(k, v) for k, v in draw.items()}}
+    return TrainConfig.from_dict(values)
+
+
+def space_to_json(space: SearchSpace) -> dict[str, Any]:
+    """A JSON-able description (saved with the sweep so a resume can check it is the same sweep)."""
+    dims = {}
+    for name, dim in space.dims.items():
+        if isinstance(dim, Range):
+            dims[name] = {"loguniform" if dim.log else "uniform": [dim.low, dim.high]}
+        else:
+            dims[name] = {"choice": list(dim.values)}
+    return {"fixed": dict(sorted(space.fixed.items())), "dims": dict(sorted(dims.items()))}
+
+
+class SweepSettings(BaseModel):
+    """How the sweep runs (the space and the fixed training values are in SearchSpace); validated on construction,
+    bad values raise UserError naming the flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: int = 8
+    epochs: int = 10  # per trial maximum
+    scheduler: str = "asha"
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: float = 3  # ASHA: keep the best 1/rf at each rung
+    perturbation_interval: int = 2  # PBT: epochs between exploit/explore decisions
+    search: str = "random"
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: Optional[float] = None  # None: fill the trial's CPU slots exactly (1 - DRIVER_CPU/workers)
+    max_concurrent: Optional[int] = None  # None: what the cluster can hold
+    storage: str = "./runs"
+    name: str = "sweep"
+    seed: int = 0
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise UserError(validation_message(exc)) from None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepSettings":
+        if self.trials < 1:
+            raise ValueError(f"--trials must be a positive integer, got {self.trials}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be a positive integer, got {self.epochs}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown --scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.search not in SEARCHERS:
+            raise ValueError(f"unknown --search {self.search!r}; choose one of {', '.join(SEARCHERS)}")
+        if self.grace_period < 1 or self.grace_period > self.epochs:
+            raise ValueError(f"--grace-period must lie in 1..--epochs ({self.epochs}), got {self.grace_period}")
+        if not self.reduction_factor > 1:
+            raise ValueError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
+        if self.perturbation_interval < 1:
+            raise ValueError(f"--perturbation-interval must be a positive integer, got {self.perturbation_interval}")
+        if self.workers_per_trial < 1:
+            raise ValueError(f"--workers-per-trial must be a positive integer, got {self.workers_per_trial}")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"--gpus-per-worker must not be negative, got {self.gpus_per_worker}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be a positive integer, got {self.max_concurrent}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"--name must be a plain directory name, got {self.name!r}")
+        if self.search == "optuna":
+            import importlib.util
+
+            if importlib.util.find_spec("optuna") is None:
+                raise ValueError("--search optuna needs the optuna package (pip install 'gan-ray[optuna]')")
+        return self
+
+    @property
+    def worker_cpus(self) -> float:
+        return self.cpus_per_worker if self.cpus_per_worker is not None else 1.0 - DRIVER_CPU / self.workers_per_trial
+
+    @property
+    def path(self) -> Path:
+        return Path(self.storage).expanduser().resolve() / self.name
