@@ -19,7 +19,8 @@
 #   GAN_RAY_GCS_PORT [6379]  GAN_RAY_DASHBOARD_PORT [8265]  GAN_RAY_CLIENT_PORT [10001] (Ray Client; keep it
 #                                  outside 10002-19999, the range Ray's worker processes pick ports from)
 #   GAN_RAY_AGENT_PORT [52365]     dashboard agent HTTP port of the head; worker node i uses +i
-#   GAN_RAY_TEMP_DIR [/tmp/gan-ray-local-$GAN_RAY_GCS_PORT]   session files and logs of this cluster only
+#   GAN_RAY_TEMP_DIR [/tmp/gan-ray-local-$GAN_RAY_GCS_PORT]   session files and logs of this cluster only: the
+#                                  head's directly in it, worker node i's in its own worker-i/ below it
 #
 # `down` stops exactly this cluster's processes (those whose command line names its temp dir, and all their
 # descendants), never other Ray clusters on the machine, which is why it does not call `ray stop` (that stops
@@ -123,6 +124,9 @@ EOF
 start_nodes() {
   # One attempt at starting the head and the worker nodes; returns non-zero (and leaves cleanup to the caller)
   # on failure.
+  # Each node its own temp dir, as on separate machines: nodes sharing one unpack each job's working_dir into
+  # the same runtime_resources directory, and one node's agent replaced it under the job driver running on the
+  # other (the first job after `up` died with its own modules missing: FileNotFoundError / ModuleNotFoundError).
   echo "starting head node (${HEAD_CPUS} CPU, GCS :$GCS_PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT)"
   "$RAY" start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
       --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
@@ -133,7 +137,7 @@ start_nodes() {
     echo "starting worker node $i (${WORKER_CPUS} CPU, resources $WORKER_RESOURCES)"
     "$RAY" start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 --num-cpus "$WORKER_CPUS" \
         --num-gpus 0 --resources "$WORKER_RESOURCES" --dashboard-agent-listen-port $(( AGENT_PORT + i )) \
-        --temp-dir "$TEMP_DIR" --disable-usage-stats >>"$LOG" 2>&1 || { echo "worker node $i failed to start" >&2; return 1; }
+        --temp-dir "$TEMP_DIR/worker-$i" --disable-usage-stats >>"$LOG" 2>&1 || { echo "worker node $i failed to start" >&2; return 1; }
   done
   wait_for_nodes
 }

@@ -401,7 +401,7 @@ def test_serve_build_writes_a_valid_deploy_config(serve_models, tmp_path):
     args = ServeArgs.model_validate(app_cfg.args)
     assert Path(args.model) == serve_models["conditional"].resolve()
     assert (args.max_replicas, args.target_ongoing) == (3, 4.0)
-    packaged = Path(__file__).resolve().parents[1] / "gan_ray" / "serve_config.yaml"
+    packaged = Path(__file__).resolve().parents[1] / "gan_ray" / "serve" / "serve_config.yaml"
     (pkg_app,) = ServeDeploySchema.model_validate(yaml.safe_load(packaged.read_text())).applications
     assert pkg_app.import_path == "gan_ray.serve:app" and ServeArgs.model_validate(pkg_app.args).model
     r = run_cli("serve", "--model", str(serve_models["conditional"]), "--build", "--max-ongoing", "4",

@@ -36,10 +36,8 @@ def number(kind: Callable[[str], Any], ok: Callable[[Any], bool], what: str, nam
 
 positive_int = number(int, lambda v: v >= 1, "a positive integer")
 nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
-any_int = number(int, lambda v: True, "an integer")
 positive_float = number(float, lambda v: v > 0, "a number > 0")
 nonneg_float = number(float, lambda v: v >= 0, "a number >= 0")
-any_float = number(float, lambda v: True, "a number")
 port = number(int, lambda v: 1 <= v <= 65535, "a port 1..65535")
 
 

@@ -22,6 +22,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in COMMANDS:
         command.add_command(sub)
+    parser.set_defaults(parser=parser)  # for commands that parse another command line (submit checks its job's)
     return parser
 
 

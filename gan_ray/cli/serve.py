@@ -37,7 +37,7 @@ def serve_args(args: argparse.Namespace) -> ServeArgs:
     from pydantic import ValidationError
 
     try:
-        return ServeArgs(model=args.model, **given_model_values(args, ServeArgs))
+        return ServeArgs(**given_model_values(args, ServeArgs))
     except ValidationError as exc:
         raise UserError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
 

@@ -39,14 +39,13 @@ def add_command(sub) -> None:
     p.set_defaults(func=run)
 
 
-def check_job_command(argv: list[str]) -> None:
+def check_job_command(argv: list[str], parser: argparse.ArgumentParser) -> None:
     """The job's gan-ray command must parse here, with the same rules as when run locally (a typo or `--epochs 0`
-    fails before anything is sent)."""
+    fails before anything is sent). `parser` is gan-ray's whole parser."""
     from gan_ray.cli.flags import resolve_train_config
-    from gan_ray.cli.parser import build_parser
 
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help inside the job command: argparse printed it already
         raise UserError(f"the job command {' '.join(argv)!r} only printed help") from exc
     if argv[0] == "train" and (not getattr(args, "config", None) or Path(args.config).is_file()):
@@ -56,11 +55,11 @@ def check_job_command(argv: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from gan_ray import jobs
 
-    argv = jobs.validate_entrypoint(args.job, check=check_job_command)
+    argv = jobs.validate_entrypoint(args.job, check=lambda job: check_job_command(job, args.parser))
     address = jobs.normalise_address(args.address)
     runtime_env = jobs.project_runtime_env(args.working_dir, env_vars=dict(args.env), extra_excludes=args.exclude)
     client = jobs.connect(address)
-    note = jobs.relative_storage_warning(argv, outputs=output_paths(argv))
+    note = jobs.relative_storage_warning(argv, outputs=output_paths(argv, args.parser))
     if note:
         print(note, file=sys.stderr)
     sub = jobs.submit(address, argv, runtime_env=runtime_env, python=args.python,
@@ -88,11 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 
-def output_paths(argv: list[str]) -> dict[str, str]:
+def output_paths(argv: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
     """The output locations a job command writes to (flag -> path as given; the default --storage included)."""
-    from gan_ray.cli.parser import build_parser
-
-    args = build_parser().parse_args(list(argv))
+    args = parser.parse_args(list(argv))
     out = {}
     for flag in ("storage", "out", "export"):
         value = getattr(args, flag, None)

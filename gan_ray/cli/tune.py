@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gan_ray.cli.flags import add_address, add_train_flags, any_float, any_int, given_train_values
+from gan_ray.cli.flags import add_address, add_model_flags, add_train_flags, given_model_values, given_train_values
 from gan_ray.core.config import load_yaml
 from gan_ray.core.errors import UserError
+from gan_ray.tune.space import SweepSettings
 
 # TrainConfig fields that the sweep's own flags replace (same meaning, sweep-level names or parsing).
 SWEEP_OWNED = ("workers", "gpus_per_worker", "cpus_per_worker", "storage", "name", "epochs", "seed")
@@ -19,45 +20,17 @@ def add_command(subparsers) -> None:
                     "early, and export the best generator. Any training flag takes one value (fixed), LOW:HIGH "
                     "(log-uniform; LOW:HIGH:lin for uniform) or A,B,C (a choice). Default space: --lr-g and --lr-d "
                     "2e-5:2e-3, --latent-dim 16,32,64,100,128.")
-    p.add_argument("--trials", type=any_int, default=8, help="number of trials (default: 8)")
-    p.add_argument("--epochs", type=any_int, default=10, help="epochs per trial, at most (default: 10)")
-    p.add_argument("--scheduler", default="asha", help="asha | pbt | none (default: asha)")
-    p.add_argument("--grace-period", type=any_int, default=1,
-                   help="ASHA: epochs every trial runs before it can be stopped (default: 1)")
-    p.add_argument("--reduction-factor", type=any_float, default=3.0,
-                   help="ASHA: at each rung only the best 1/N trials go on (default: 3)")
-    p.add_argument("--perturbation-interval", type=any_int, default=None,
-                   help="PBT: epochs between exploit/explore steps (default: about a quarter of --epochs)")
-    p.add_argument("--search", default="random", help="random | optuna (needs the optuna package) (default: random)")
+    add_model_flags(p, SweepSettings)
     p.add_argument("--space", default=None, help="YAML file: flag: value | LOW:HIGH | [A, B] | {loguniform: [lo, hi]} "
                                                 "| {uniform: [lo, hi]} | {choice: [...]} (flags override it)")
-    p.add_argument("--workers-per-trial", type=any_int, default=1,
-                   help="Ray Train workers per trial (default: 1)")
-    p.add_argument("--gpus-per-worker", type=any_float, default=0.0,
-                   help="GPUs per worker; fractions pack several trials on one GPU (default: 0, CPU)")
-    p.add_argument("--cpus-per-worker", type=any_float, default=None,
-                   help="CPUs per worker (default: fill one CPU per worker together with the trial's driver)")
-    p.add_argument("--max-concurrent", type=any_int, default=None,
-                   help="trials running at once (default: as many as the cluster can hold)")
-    p.add_argument("--storage", default="./runs", help="root directory of sweeps (default: ./runs)")
-    p.add_argument("--name", default="sweep", help="sweep name; re-using it resumes the sweep (default: sweep)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the search and every trial's training (default: 0)")
     p.add_argument("--export", default=None, metavar="DIR", help="export the best generator to DIR")
     add_address(p)
     add_train_flags(p, exclude=SWEEP_OWNED, as_strings=True)
     p.set_defaults(func=run)
 
 
-def settings_from_args(args: argparse.Namespace):
-    from gan_ray.tune.space import SweepSettings
-
-    interval = args.perturbation_interval if args.perturbation_interval is not None else max(1, args.epochs // 4)
-    return SweepSettings(trials=args.trials, epochs=args.epochs, scheduler=args.scheduler,
-                         grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                         perturbation_interval=interval, search=args.search,
-                         workers_per_trial=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
-                         cpus_per_worker=args.cpus_per_worker, max_concurrent=args.max_concurrent,
-                         storage=args.storage, name=args.name, seed=args.seed)
+def settings_from_args(args: argparse.Namespace) -> SweepSettings:
+    return SweepSettings(**given_model_values(args, SweepSettings))
 
 
 def space_from_args(args: argparse.Namespace):
@@ -98,5 +71,5 @@ def run(args: argparse.Namespace) -> int:
     if result.export_dir:
         print(f"  exported model:              {result.export_dir}")
     else:
-        print(f"  export it:  gan-ray export --checkpoint {result.best_checkpoint} --out models/{args.name}")
+        print(f"  export it:  gan-ray export --checkpoint {result.best_checkpoint} --out models/{settings.name}")
     return 0

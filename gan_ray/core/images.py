@@ -31,8 +31,11 @@ def grid(images: torch.Tensor, *, nrow: int | None = None, pad: int = GRID_PAD, 
     tiles = to_uint8(images)
     n, c = tiles.shape[:2]
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    out = make_grid(tiles, nrow=nrow, padding=pad, pad_value=0)
-    out = out[:1] if c == 1 else out  # make_grid repeats one channel to three; keep grey grey
+    if n == 1:  # make_grid returns a lone image as it is; a grid of one keeps its border like any other
+        out = torch.nn.functional.pad(tiles[0], (pad, pad, pad, pad), value=0)
+    else:
+        out = make_grid(tiles, nrow=nrow, padding=pad, pad_value=0)
+        out = out[:1] if c == 1 else out  # make_grid repeats one channel to three; keep grey grey
     if scale > 1:
         out = out.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     return out.contiguous()

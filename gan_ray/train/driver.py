@@ -137,13 +137,13 @@ def fit(cfg: TrainConfig, *, address: str | None = None, quality: bool = True, p
     if done >= cfg.epochs:
         print(f"run {cfg.run_dir} already has {done} of {cfg.epochs} epochs; nothing to do")
         return None
+    ensure_ray(address)
+    check_resources(cfg)  # before the hooks: a run that cannot start should not first train an extractor
     hooks: list[EpochHook] = []
     if quality:
         from gan_ray.eval.hook import hooks_for
 
         hooks = hooks_for(cfg)  # may train the dataset's feature extractor once (cached)
-    ensure_ray(address)
-    check_resources(cfg)
     prepare_run_dir(cfg)
     printer = ProgressPrinter(cfg.run_dir / METRICS_FILE, cfg.epochs) if progress else None
     if printer:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gan_ray.core.config import TrainConfig, coerce, field_types, flag_name, validation_message
 from gan_ray.core.errors import UserError
@@ -248,20 +248,23 @@ class SweepSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    trials: int = 8
-    epochs: int = 10  # per trial maximum
-    scheduler: str = "asha"
-    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
-    reduction_factor: float = 3  # ASHA: keep the best 1/rf at each rung
-    perturbation_interval: int = 2  # PBT: epochs between exploit/explore decisions
-    search: str = "random"
-    workers_per_trial: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: Optional[float] = None  # None: fill the trial's CPU slots exactly (1 - DRIVER_CPU/workers)
-    max_concurrent: Optional[int] = None  # None: what the cluster can hold
-    storage: str = "./runs"
-    name: str = "sweep"
-    seed: int = 0
+    trials: int = Field(8, description="number of trials")
+    epochs: int = Field(10, description="epochs per trial, at most")
+    scheduler: str = Field("asha", description="asha (stop weak trials early) | pbt (evolve learning rates) | none")
+    grace_period: int = Field(1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(3.0, description="ASHA: at each rung only the best 1/N trials go on")
+    perturbation_interval: Optional[int] = Field(None, description="PBT: epochs between exploit/explore steps "
+                                                                   "(default: about a quarter of --epochs)")
+    search: str = Field("random", description="random | optuna (needs the optuna package)")
+    workers_per_trial: int = Field(1, description="Ray Train workers per trial")
+    gpus_per_worker: float = Field(0.0, description="GPUs per worker; fractions pack several trials on one GPU")
+    cpus_per_worker: Optional[float] = Field(None, description="CPUs per worker (default: fill one CPU per worker "
+                                                               "together with the trial's driver)")
+    max_concurrent: Optional[int] = Field(None, description="trials running at once (default: as many as the "
+                                                            "cluster can hold)")
+    storage: str = Field("./runs", description="root directory of sweeps")
+    name: str = Field("sweep", description="sweep name; re-using it resumes the sweep")
+    seed: int = Field(0, description="seeds the search and every trial's training")
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -283,6 +286,8 @@ class SweepSettings(BaseModel):
             raise ValueError(f"--grace-period must lie in 1..--epochs ({self.epochs}), got {self.grace_period}")
         if not self.reduction_factor > 1:
             raise ValueError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
+        if self.perturbation_interval is None:
+            object.__setattr__(self, "perturbation_interval", max(1, self.epochs // 4))
         if self.perturbation_interval < 1:
             raise ValueError(f"--perturbation-interval must be a positive integer, got {self.perturbation_interval}")
         if self.workers_per_trial < 1:
