@@ -36,7 +36,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--dataset", default=None, help="dataset to compare with (default: the generator's own; "
                                                    "digits for --samples)")
     p.add_argument("--data-dir", default=None, help="where downloadable datasets live (default: the run's, "
-                                                    "else ~/.cache/gan-ray/data)")
+                                                    f"else {DEFAULT_DATA_DIR})")
     p.add_argument("--n", type=positive_int, default=2000, help="images to generate and score (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="noise and split seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

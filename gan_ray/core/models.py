@@ -1,4 +1,4 @@
-"""Generator and discriminator architectures, behind a small registry.
+"""Generator and discriminator architectures, looked up by name.
 
 Pure `nn.Module`s: no I/O, no DDP. Every generator maps (z, labels) to images in [0, 1]; every discriminator maps
 (images, labels) to one logit per image. `labels` is ignored (and may be None) unless the model is conditional.
@@ -70,21 +70,23 @@ def _positive_int(x: object, name: str) -> int:
     return x  # type: ignore[return-value]
 
 
-_BUILDERS: dict[str, Callable[[ModelSpec], tuple[nn.Module, nn.Module]]] = {}
+# Architecture name (`--arch`, ModelSpec.arch) -> the function that builds a fresh (G, D) pair for a spec.
+ARCHITECTURES: dict[str, Callable[[ModelSpec], tuple[nn.Module, nn.Module]]] = {}
 
 
-def register(name: str):
+def architecture(name: str):
+    """Decorator: the function builds architecture `name`."""
     def deco(fn):
-        _BUILDERS[name] = fn
+        ARCHITECTURES[name] = fn
         return fn
     return deco
 
 
 def build(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
     """Fresh (generator, discriminator) for a spec."""
-    if spec.arch not in _BUILDERS:
-        raise UserError(f"unknown --arch {spec.arch!r}; choose one of {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[spec.arch](spec)
+    if spec.arch not in ARCHITECTURES:
+        raise UserError(f"unknown --arch {spec.arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[spec.arch](spec)
 
 
 def build_generator(spec: ModelSpec) -> nn.Module:
@@ -131,7 +133,7 @@ class MLPDiscriminator(nn.Module):
         return self.net(x).squeeze(1)
 
 
-@register("mlp")
+@architecture("mlp")
 def _mlp(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
     return MLPGenerator(spec), MLPDiscriminator(spec)
 
@@ -194,7 +196,7 @@ class DCGANDiscriminator(nn.Module):
         return out
 
 
-@register("dcgan")
+@architecture("dcgan")
 def _dcgan(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
     return DCGANGenerator(spec), DCGANDiscriminator(spec)
 
