@@ -55,3 +55,26 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: str 
     full_env.pop("RAY_ADDRESS", None) if env is None or "RAY_ADDRESS" not in env else None
     return subprocess.run([*GAN_RAY, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=cwd or ROOT)
+
+
+def tensorboard_tags(log_dir: Path) -> dict[str, set]:
+    """Scalar tags, image tags and steps in the TensorBoard event files under `log_dir` (read with tensorboardX's
+    protobufs: the files are TFRecords, a length, its CRC, the record, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, set] = {"scalars": set(), "images": set(), "steps": set()}
+    files = sorted(Path(log_dir).glob("events.out.tfevents.*"))
+    assert files, f"no event files in {log_dir}"
+    for path in files:
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out["images" if value.HasField("image") else "scalars"].add(value.tag)
+                out["steps"].add(event.step)
+    return out

@@ -14,7 +14,9 @@ from gan_ray.core.errors import UserError
 from gan_ray.core.run_dir import finished_epochs, latest_checkpoint
 from gan_ray.train.driver import fit
 from gan_ray.core.run_dir import read_metrics
-from tests.conftest import wait_for
+from gan_ray.core.step import build_state, spec_for
+from gan_ray.train.worker import weights_digest
+from tests.conftest import tensorboard_tags, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,19 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
     meta = json.loads((latest_checkpoint(run) / "config.json").read_text())
     assert meta["epoch"] == 3 and meta["config"]["workers"] == 2
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    # Data parallelism really happened: both ranks hold bit-identical G and D at every checkpoint (DDP averaged
+    # their gradients although each trained on its own shard), and the weights moved from where they started.
+    initial = weights_digest(build_state(cfg, spec_for(cfg, (1, 28, 28), 10), "cpu"))
+    digests = [r["weights_digest"] for r in rows if "weights_digest" in r]
+    assert [r["epoch"] for r in rows if "weights_digest" in r] == [2, 3]
+    for pair in digests:
+        assert len(pair) == 2 and pair[0] == pair[1], digests
+        assert pair[0] != initial
+    assert digests[0][0] != digests[1][0]
+    # TensorBoard: a scalar per metric and the sample grid, every epoch
+    tags = tensorboard_tags(run / "tensorboard")
+    assert {"train/loss_d", "train/loss_g", "train/d_real", "train/d_fake", "train/images_per_s"} <= tags["scalars"]
+    assert tags["steps"] == {1, 2, 3} and "samples" in tags["images"]
 
     # Same name, more epochs: continues from epoch 3's checkpoint.
     cfg5 = small_config(storage, "resume", epochs=5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from gan_ray.cli.flags import add_address, add_train_flags, resolve_train_config
@@ -26,12 +27,13 @@ def run(args: argparse.Namespace) -> int:
 
 def report(cfg: TrainConfig, result) -> int:
     """What `gan-ray train` prints when a run ends."""
-    from gan_ray.core.run_dir import METRICS_FILE, latest_checkpoint
+    from gan_ray.core.run_dir import METRICS_FILE, latest_checkpoint, stop_reason
 
     run_dir = cfg.run_dir
     if result is not None and getattr(result, "error", None):
         print(f"training failed: {result.error}")
         return 1
+    stopped = stop_reason(run_dir) if result is not None else None
     ckpt = latest_checkpoint(run_dir)
     print(f"run directory: {run_dir}")
     print(f"  metrics:     {run_dir / METRICS_FILE}")
@@ -40,4 +42,7 @@ def report(cfg: TrainConfig, result) -> int:
     if ckpt:
         print(f"export it:     gan-ray export --checkpoint {run_dir} --out {Path('models') / cfg.name}"
               "   (a run directory: its best checkpoint by fd)")
+    if stopped:
+        print(f"gan-ray train: stopped early: {stopped}", file=sys.stderr)
+        return 1
     return 0

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gan_ray.core.errors import UserError
 
-ARCHS = ("mlp", "dcgan")
-LOSSES = ("bce", "hinge")
+ARCHS = ("mlp", "seed", "dcgan")
+LOSSES = ("bce", "hinge", "mse", "lsgan", "rpgan")
+OPTIMIZERS = ("adam", "rmsprop")
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
@@ -44,18 +45,32 @@ class TrainConfig(BaseModel):
     data_dir: str = _opt(DEFAULT_DATA_DIR, "where torchvision datasets are downloaded / looked for")
     image_size: int = _opt(28, "side length images are resized to (folder datasets; 28/32/64 for dcgan)")
     # model
-    arch: str = _opt("mlp", "generator/discriminator architecture", choices=ARCHS)
+    arch: str = _opt("mlp", "generator/discriminator architecture: mlp (LeakyReLU), seed (the article's ReLU "
+                     "MLPs, exactly) or dcgan", choices=ARCHS)
     conditional: bool = _opt(False, "class-conditional G and D (labelled datasets only)")
     latent_dim: int = _opt(100, "size of the noise vector z")
+    g_width: int = _opt(0, "dcgan: G's base channels, doubled per resolution step (0 = 64)")
+    d_width: int = _opt(0, "dcgan: D's base channels, doubled per resolution step (0 = 64)")
+    spectral_norm: bool = _opt(False, "spectral normalisation on every layer of D")
     ema: bool = _opt(True, "keep an exponential moving average of G for sampling/export")
     ema_halflife_kimg: float = _opt(5.0, "EMA half-life in thousands of images seen")
     # optimisation
-    loss: str = _opt("bce", "adversarial loss", choices=LOSSES)
-    lr_g: float = _opt(2e-4, "generator Adam learning rate")
-    lr_d: float = _opt(2e-4, "discriminator Adam learning rate")
-    beta1: float = _opt(0.5, "Adam beta1 for both optimisers")
-    beta2: float = _opt(0.999, "Adam beta2 for both optimisers")
+    loss: str = _opt("bce", "adversarial loss: bce (non-saturating), hinge, mse (the seed article's, on D's "
+                     "probability), lsgan (least squares on D's raw output), rpgan (relativistic pairing)",
+                     choices=LOSSES)
+    optimizer: str = _opt("adam", "optimiser of both networks", choices=OPTIMIZERS)
+    lr_g: float = _opt(2e-4, "generator learning rate")
+    lr_d: float = _opt(2e-4, "discriminator learning rate")
+    beta1: float = _opt(0.5, "Adam beta1 (RMSprop: momentum) of G, and of D unless --beta1-d")
+    beta2: float = _opt(0.999, "Adam beta2 (RMSprop: squared-gradient decay) of G, and of D unless --beta2-d")
+    beta1_d: Optional[float] = _opt(None, "D's own beta1 / momentum (default: --beta1)")
+    beta2_d: Optional[float] = _opt(None, "D's own beta2 / decay (default: --beta2)")
     d_steps: int = _opt(1, "discriminator updates per generator update")
+    r1_gamma: float = _opt(0.0, "R1 penalty weight: gamma/2 * E||grad D(real)||^2 (0 = off)")
+    r1_every: int = _opt(16, "apply R1 (and R2) every N discriminator steps, scaled by N (lazy regularisation)")
+    r2_gamma: float = _opt(0.0, "R2 penalty weight, the same on generated images (0 = off)")
+    augment: str = _opt("none", "differentiable augmentation of every image D sees, real and fake: a comma list "
+                        "of translation, cutout, color (or none)")
     batch_size: int = _opt(64, "images per worker per step")
     epochs: int = _opt(20, "total epochs (a resumed run stops at this total)")
     seed: int = _opt(0, "seed for weights, data order and noise")
@@ -79,6 +94,9 @@ class TrainConfig(BaseModel):
     sample_every: int = _opt(1, "epochs between sample grids (0 = never)")
     eval_every: int = _opt(0, "epochs between quality evaluations (0 = only at checkpoints)")
     eval_samples: int = _opt(1000, "generated images scored per evaluation")
+    eval_full: bool = _opt(False, "every metric at each evaluation, precision/recall included (slow on large "
+                           "held-out sets: tens of seconds on MNIST)")
+    stop_on_collapse: bool = _opt(False, "end the run (exit 1) when training has failed and is not recovering")
 
     def __init__(self, **values: Any) -> None:
         """Coerce each value to its field's type (YAML, flags and Tune give text or loose numbers), then validate;
@@ -99,6 +117,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown --arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        from gan_ray.core.augment import parse_policy  # the ops' names live with the ops
+
+        parse_policy(self.augment)
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         mode = graph_mode(self.cuda_graph)
@@ -109,21 +132,38 @@ class TrainConfig(BaseModel):
         if mode == "on" and self.workers > 1:
             raise ValueError("--cuda-graph on supports one worker only (DDP's all-reduce is not captured); use "
                              "--workers 1 or --cuda-graph auto")
-        for name in ("lr_g", "lr_d", "ema_halflife_kimg", "cpus_per_worker"):
+        if mode == "on" and self.eager_only_settings():
+            raise ValueError(f"--cuda-graph on captures the plain step only; "
+                             f"{', '.join(self.eager_only_settings())} run(s) eagerly (use --cuda-graph auto)")
+        for name in ("lr_g", "lr_d", "ema_halflife_kimg", "cpus_per_worker", "r1_every"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
         for name in ("batch_size", "epochs", "latent_dim", "d_steps", "workers", "checkpoint_every", "keep",
                      "image_size", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag_name(name)} must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_failures", "sample_every", "eval_every", "gpus_per_worker"):
+        for name in ("max_failures", "sample_every", "eval_every", "gpus_per_worker", "r1_gamma", "r2_gamma",
+                     "g_width", "d_width"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must not be negative, got {getattr(self, name)}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("--beta1 and --beta2 must lie in [0, 1)")
+        betas = [b for b in (self.beta1, self.beta2, self.beta1_d, self.beta2_d) if b is not None]
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError("--beta1, --beta2, --beta1-d and --beta2-d must lie in [0, 1)")
+        if (self.g_width or self.d_width) and self.arch != "dcgan":
+            raise ValueError(f"--g-width and --d-width set a dcgan's channels; --arch {self.arch} has fixed sizes")
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"--name must be a plain directory name, got {self.name!r}")
         return self
+
+    def eager_only_settings(self) -> tuple[str, ...]:
+        """The flags in use that the whole-step CUDA graph does not capture (the stabilisers, RMSprop): with any of
+        them `--cuda-graph auto` runs eagerly and `on` is refused (gan_ray.core.fast_step)."""
+        out = [flag for flag, on in (("--r1-gamma", self.r1_gamma), ("--r2-gamma", self.r2_gamma),
+                                     ("--augment", self.augment not in ("", "none")),
+                                     ("--spectral-norm", self.spectral_norm)) if on]
+        if self.optimizer != "adam":
+            out.append(f"--optimizer {self.optimizer}")
+        return tuple(out)
 
     @property
     def run_dir(self) -> Path:
@@ -177,8 +217,17 @@ def graph_mode(value: object) -> str:
 
 
 def field_types() -> dict[str, type]:
-    """Each field's Python type (bool, int, float or str), for CLI parsing and coercion."""
-    return {name: f.annotation for name, f in TrainConfig.model_fields.items()}  # type: ignore[misc]
+    """Each field's Python type (bool, int, float or str; an Optional field's inner type), for CLI parsing and
+    coercion."""
+    import typing
+
+    out = {}
+    for name, f in TrainConfig.model_fields.items():
+        kind = f.annotation
+        if typing.get_origin(kind) is typing.Union:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        out[name] = kind
+    return out  # type: ignore[return-value]
 
 
 def field_cli(name: str) -> dict[str, Any]:
@@ -190,6 +239,8 @@ def field_cli(name: str) -> dict[str, Any]:
 def coerce(name: str, value: Any) -> Any:
     """Convert a value from YAML/CLI/Tune to the field's type, with a clear error."""
     kind = field_types()[name]
+    if value is None and TrainConfig.model_fields[name].default is None:
+        return None
     if kind is bool:
         if isinstance(value, bool):
             return value

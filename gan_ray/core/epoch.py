@@ -27,6 +27,8 @@ class EpochResult:
     images: int
     seconds: float
     steps: int
+    r1: float | None = None  # mean R1 penalty over the epoch's regularisation steps (None: R1 off)
+    r2: float | None = None
 
 
 def steps_per_epoch(n_images: int, world_size: int, batch_size: int) -> int:
@@ -44,8 +46,8 @@ def run_epoch(state: GANState, data: ImageDataset, *, epoch: int, rank: int, wor
     device = next(state.D.parameters()).device
     order = shard_order(len(data), epoch=epoch, rank=rank, world_size=world_size, seed=seed, device=data.images.device)
     n_steps = len(order) // batch_size
-    sums = torch.zeros(4, device=device)  # loss_d, loss_g, d_real, d_fake
-    g_updates = 0
+    sums = torch.zeros(6, device=device)  # loss_d, loss_g, d_real, d_fake, r1, r2
+    g_updates = reg_steps = 0
     t0 = time.perf_counter()
     for i in range(n_steps):
         idx = order[i * batch_size:(i + 1) * batch_size]
@@ -59,8 +61,14 @@ def run_epoch(state: GANState, data: ImageDataset, *, epoch: int, rank: int, wor
         if "loss_g" in out:
             sums[1] += out["loss_g"]
             g_updates += 1
+        if "r1" in out or "r2" in out:
+            reg_steps += 1
+            sums[4] += out.get("r1", 0.0)
+            sums[5] += out.get("r2", 0.0)
     vals = sums.tolist()  # the one host sync of the epoch
     seconds = time.perf_counter() - t0
     d = max(n_steps, 1)
+    r = max(reg_steps, 1)
     return EpochResult(loss_d=vals[0] / d, loss_g=vals[1] / max(g_updates, 1), d_real=vals[2] / d,
-                       d_fake=vals[3] / d, images=n_steps * batch_size, seconds=seconds, steps=n_steps)
+                       d_fake=vals[3] / d, images=n_steps * batch_size, seconds=seconds, steps=n_steps,
+                       r1=vals[4] / r if state.r1_gamma else None, r2=vals[5] / r if state.r2_gamma else None)

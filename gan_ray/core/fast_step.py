@@ -67,12 +67,15 @@ def _bf16_ok() -> bool:
 
 
 def resolve(precision: str = "auto", cuda_graph: str | bool = "auto", compile: bool = False, *, arch: str,
-            device: torch.device | str, world_size: int = 1, compile_backend: str = "inductor") -> FastPath:
+            device: torch.device | str, world_size: int = 1, compile_backend: str = "inductor",
+            eager_only: tuple[str, ...] = ()) -> FastPath:
     """The fastest path that stays correct on `device`, unless the flags ask for something specific.
 
     auto precision: fp32 on CPU; on a GPU bf16 for dcgan (convolutions: where bf16 pays) and tf32 for mlp.
-    auto cuda_graph: on with one CUDA worker, off otherwise (DDP's gradient all-reduce is not captured).
-    Asking for what cannot work (a graph on CPU or with DDP, bf16 on a GPU without it) is a UserError.
+    auto cuda_graph: on with one CUDA worker, off otherwise (DDP's gradient all-reduce is not captured) and off
+    when a setting in `eager_only` is used (the stabilisers: never captured and checked on a GPU, so not offered).
+    Asking for what cannot work (a graph on CPU, with DDP or a stabiliser, bf16 on a GPU without it) is a
+    UserError.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -89,14 +92,18 @@ def resolve(precision: str = "auto", cuda_graph: str | bool = "auto", compile: b
     if mode == "on" and world_size > 1:
         raise UserError(f"--cuda-graph on supports one worker only, got {world_size}: DDP's gradient all-reduce "
                         "is not captured (use --workers 1, or --cuda-graph auto)")
-    graph = mode == "on" or (mode == "auto" and cuda and world_size == 1)
+    if mode == "on" and eager_only:
+        raise UserError(f"--cuda-graph on captures the plain step only; {', '.join(eager_only)} run(s) eagerly "
+                        "(use --cuda-graph auto or off)")
+    graph = mode == "on" or (mode == "auto" and cuda and world_size == 1 and not eager_only)
     return FastPath(precision, graph, bool(compile), channels_last=cuda and arch == "dcgan",
                     compile_backend=compile_backend)
 
 
 def resolve_for(cfg, device: torch.device | str, world_size: int) -> FastPath:
     """`resolve` for a TrainConfig (kept loose-typed so this module needs no config import at load)."""
-    return resolve(cfg.precision, cfg.cuda_graph, cfg.compile, arch=cfg.arch, device=device, world_size=world_size)
+    return resolve(cfg.precision, cfg.cuda_graph, cfg.compile, arch=cfg.arch, device=device, world_size=world_size,
+                   eager_only=cfg.eager_only_settings())
 
 
 def prepare_module(module: nn.Module, fast: FastPath) -> nn.Module:
@@ -194,7 +201,7 @@ class FastStep:
         real = self.static_real
         out = d_update(state, real, self.static_labels if conditional else None, self.nets)
         if do_g:
-            out["loss_g"] = g_update(state, real.shape[0], real.device, conditional, self.nets)
+            out["loss_g"] = g_update(state, real, self.static_labels if conditional else None, self.nets)
             if state.G_ema is not None:
                 ema_lerp(state, self.ema_weight)
         return out

@@ -3,10 +3,18 @@
 Pure `nn.Module`s: no I/O, no DDP. Every generator maps (z, labels) to images in [0, 1]; every discriminator maps
 (images, labels) to one logit per image. `labels` is ignored (and may be None) unless the model is conditional.
 
-- `mlp`: the seed MNIST GAN, exactly: G z->256->512->1024->C*H*W (sigmoid), D C*H*W->512->256->1, LeakyReLU(0.2).
-  Conditional variant: a learned label embedding concatenated to z (G) and to the flattened image (D).
-- `dcgan`: strided (transposed) convolutions sized for 28, 32 or 64 pixels. D has no BatchNorm, so DDP's buffer
+- `seed`: the seed article's networks exactly: G z->256->512->1024->C*H*W with ReLU and a sigmoid output, D
+  C*H*W->512->256->1 with ReLU (its output sigmoid lives in the loss: `--loss mse` is the article's MSE on it).
+- `mlp`: the same layer sizes with LeakyReLU(0.2), the usual GAN choice (D's gradients do not die on negative
+  inputs). Both MLPs have a conditional variant: a learned label embedding concatenated to z (G) and to the
+  flattened image (D).
+- `dcgan`: strided (transposed) convolutions sized for 28, 32 or 64 pixels. `g_width`/`d_width` are the base
+  channels of each (G's last layer, D's first; doubled at every step down in resolution; default 64): narrower
+  is much faster on CPUs. D has no BatchNorm, so DDP's buffer
   broadcast has nothing to modify in place; conditional D is a projection discriminator (Miyato & Koyama 2018).
+
+`spectral_norm` wraps every linear and convolution layer of D in spectral normalisation (Miyato et al. 2018):
+each layer's largest singular value is kept at 1, so D is 1-Lipschitz per layer and cannot sharpen without bound.
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ class ModelSpec:
     latent_dim: int
     image_shape: tuple[int, int, int]  # C, H, W
     num_classes: int = 0  # 0 = unconditional
+    spectral_norm: bool = False  # D's layers spectrally normalised (D only: exported generators never have it)
+    g_width: int = 0  # dcgan: G's base channels (0 = the architecture's default, 64)
+    d_width: int = 0  # dcgan: D's base channels
 
     @property
     def conditional(self) -> bool:
@@ -34,7 +45,8 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "latent_dim": self.latent_dim, "image_shape": list(self.image_shape),
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "spectral_norm": self.spectral_norm, "g_width": self.g_width,
+                "d_width": self.d_width}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
@@ -57,7 +69,13 @@ class ModelSpec:
         c, h, w = (_positive_int(x, "image_shape") for x in shape)
         if c not in (1, 3):
             raise UserError(f"image_shape must have 1 (grey) or 3 (RGB) channels, got {c}")
-        return cls(arch, latent_dim, (c, h, w), num_classes)
+        spectral = d.get("spectral_norm", False)  # older files have none of the fields below: their defaults
+        if not isinstance(spectral, bool):
+            raise UserError(f"spectral_norm must be true or false, got {spectral!r}")
+        widths = [d.get(k, 0) for k in ("g_width", "d_width")]
+        if not all(_is_int(x) and x >= 0 for x in widths):
+            raise UserError(f"g_width and d_width must be integers >= 0 (0 = default), got {widths}")
+        return cls(arch, latent_dim, (c, h, w), num_classes, spectral, *widths)
 
 
 def _is_int(x: object) -> bool:
@@ -86,7 +104,21 @@ def build(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
     """Fresh (generator, discriminator) for a spec."""
     if spec.arch not in ARCHITECTURES:
         raise UserError(f"unknown --arch {spec.arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[spec.arch](spec)
+    G, D = ARCHITECTURES[spec.arch](spec)
+    if spec.spectral_norm:
+        apply_spectral_norm(D)
+    return G, D
+
+
+def apply_spectral_norm(module: nn.Module) -> nn.Module:
+    """Spectral normalisation on every Linear and Conv2d inside `module` (one power iteration per forward)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    for name, child in list(module.named_modules()):
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            setattr(parent, name.rsplit(".", 1)[-1], spectral_norm(child))
+    return module
 
 
 def build_generator(spec: ModelSpec) -> nn.Module:
@@ -94,17 +126,23 @@ def build_generator(spec: ModelSpec) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------- mlp
+def _activation(spec: ModelSpec) -> Callable[[], nn.Module]:
+    """The seed article's ReLU for `seed`; LeakyReLU(0.2) for `mlp`."""
+    return nn.ReLU if spec.arch == "seed" else (lambda: nn.LeakyReLU(0.2))
+
+
 class MLPGenerator(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         c, h, w = spec.image_shape
+        act = _activation(spec)
         self.image_shape = spec.image_shape
         self.embed = nn.Embedding(spec.num_classes, spec.num_classes) if spec.conditional else None
         in_dim = spec.latent_dim + (spec.num_classes if spec.conditional else 0)
         self.net = nn.Sequential(
-            nn.Linear(in_dim, 256), nn.LeakyReLU(0.2),
-            nn.Linear(256, 512), nn.LeakyReLU(0.2),
-            nn.Linear(512, 1024), nn.LeakyReLU(0.2),
+            nn.Linear(in_dim, 256), act(),
+            nn.Linear(256, 512), act(),
+            nn.Linear(512, 1024), act(),
             nn.Linear(1024, c * h * w), nn.Sigmoid(),
         )
 
@@ -118,11 +156,12 @@ class MLPDiscriminator(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         c, h, w = spec.image_shape
+        act = _activation(spec)
         self.embed = nn.Embedding(spec.num_classes, spec.num_classes) if spec.conditional else None
         in_dim = c * h * w + (spec.num_classes if spec.conditional else 0)
         self.net = nn.Sequential(
-            nn.Linear(in_dim, 512), nn.LeakyReLU(0.2),
-            nn.Linear(512, 256), nn.LeakyReLU(0.2),
+            nn.Linear(in_dim, 512), act(),
+            nn.Linear(512, 256), act(),
             nn.Linear(256, 1),  # a logit: the seed's final sigmoid lives inside the loss, for stability
         )
 
@@ -134,6 +173,7 @@ class MLPDiscriminator(nn.Module):
 
 
 @architecture("mlp")
+@architecture("seed")
 def _mlp(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
     return MLPGenerator(spec), MLPDiscriminator(spec)
 
@@ -198,7 +238,7 @@ class DCGANDiscriminator(nn.Module):
 
 @architecture("dcgan")
 def _dcgan(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
-    return DCGANGenerator(spec), DCGANDiscriminator(spec)
+    return DCGANGenerator(spec, spec.g_width or 64), DCGANDiscriminator(spec, spec.d_width or 64)
 
 
 def count_params(module: nn.Module) -> int:

@@ -58,6 +58,12 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
         tmp.replace(path)
 
 
+def stop_reason(run_dir: Path) -> str | None:
+    """Why the run stopped early (--stop-on-collapse), from its last metrics row; None if it did not."""
+    rows = read_metrics(run_dir / METRICS_FILE)
+    return rows[-1].get("stopped") if rows else None
+
+
 def format_progress(row: dict, total_epochs: int) -> str:
     """One console line per epoch."""
     parts = [f"epoch {row['epoch']:>3}/{total_epochs}", f"step {row['step']:>6}",

@@ -1,8 +1,15 @@
 """The adversarial step and the EMA generator, on a small state object. Pure PyTorch, no Ray.
 
-`GANState` holds G, D (possibly DDP-wrapped: whoever builds the state decides), the EMA copy of G and both
-optimisers. `train_step` runs one discriminator update and, every `d_steps` calls, one generator update.
-Progress is counted in images seen (all workers), so the EMA half-life does not depend on the worker count.
+`GANState` holds G, D (possibly DDP-wrapped: whoever builds the state decides), the EMA copy of G, both
+optimisers and the stabilisers. `train_step` runs one discriminator update and, every `d_steps` calls, one
+generator update. Progress is counted in images seen (all workers), so the EMA half-life does not depend on the
+worker count.
+
+Stabilisers: every image D sees goes through the same differentiable augmentation (`gan_ray.core.augment`), and
+every `reg_every`-th D step adds the R1 (reals) and R2 (fakes) gradient penalties, scaled by `reg_every` (lazy
+regularisation, as in StyleGAN2: the same average strength at a fraction of the cost). The penalties run through
+the plain D and join the D loss before its one backward, so under DDP D's gradient, penalty included, is
+all-reduced once per step, as without them.
 """
 from __future__ import annotations
 
@@ -16,7 +23,9 @@ import torch
 from torch import nn
 
 from gan_ray.core import losses
-from gan_ray.core.models import ModelSpec
+from gan_ray.core.augment import augment, parse_policy
+from gan_ray.core.config import TrainConfig
+from gan_ray.core.models import ModelSpec, build
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -41,6 +50,10 @@ class GANState:
     ema_halflife_kimg: float = 5.0
     ema_rampup: float = 0.05  # half-life is at most this fraction of images seen (StyleGAN2's ramp-up)
     world_size: int = 1
+    r1_gamma: float = 0.0  # R1 weight (0 = off)
+    r2_gamma: float = 0.0  # R2 weight (0 = off)
+    reg_every: int = 16  # the penalties run every this many D steps, scaled by it
+    augment: tuple[str, ...] = ()  # DiffAugment ops applied to every image D sees
     step: int = 0  # discriminator updates done
     images_seen: int = 0  # real images consumed, all workers together
     extra: dict = field(default_factory=dict)
@@ -65,13 +78,55 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
 
 def make_state(spec: ModelSpec, G: nn.Module, D: nn.Module, *, lr_g: float, lr_d: float, beta1: float,
                beta2: float = 0.999, loss: str = "bce", d_steps: int = 1, ema: bool = True,
-               ema_halflife_kimg: float = 5.0, world_size: int = 1, capturable: bool = False) -> GANState:
-    """Adam for both networks (separate learning rates), and the EMA copy taken from G's initial weights."""
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=(beta1, beta2), capturable=capturable)
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=(beta1, beta2), capturable=capturable)
+               ema_halflife_kimg: float = 5.0, world_size: int = 1, capturable: bool = False,
+               optimizer: str = "adam", beta1_d: float | None = None, beta2_d: float | None = None,
+               r1_gamma: float = 0.0, r2_gamma: float = 0.0, reg_every: int = 16,
+               augment: tuple[str, ...] = ()) -> GANState:
+    """An optimiser per network (separate learning rates, D's betas its own when given), the stabilisers, and the
+    EMA copy taken from G's initial weights."""
+    opt_g = make_optimizer(G.parameters(), optimizer, lr_g, beta1, beta2, capturable)
+    opt_d = make_optimizer(D.parameters(), optimizer, lr_d, beta1 if beta1_d is None else beta1_d,
+                           beta2 if beta2_d is None else beta2_d, capturable)
     g_ema = copy.deepcopy(unwrap(G)).eval().requires_grad_(False) if ema else None
     return GANState(spec, G, D, g_ema, opt_g, opt_d, loss=loss, d_steps=d_steps,
-                    ema_halflife_kimg=ema_halflife_kimg, world_size=world_size)
+                    ema_halflife_kimg=ema_halflife_kimg, world_size=world_size, r1_gamma=r1_gamma,
+                    r2_gamma=r2_gamma, reg_every=reg_every, augment=tuple(augment))
+
+
+def spec_for(cfg: TrainConfig, image_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
+    """The networks a config trains on data of this shape and class count."""
+    return ModelSpec(cfg.arch, cfg.latent_dim, tuple(image_shape), num_classes if cfg.conditional else 0,
+                     cfg.spectral_norm, cfg.g_width, cfg.d_width)
+
+
+def build_state(cfg: TrainConfig, spec: ModelSpec, device: torch.device | str, world_size: int = 1,
+                wrap: Callable[[nn.Module], nn.Module] = lambda m: m, *, channels_last: bool = False,
+                capturable: bool = False) -> GANState:
+    """What a config trains: models initialised identically on every rank (seeded), in the fast path's layout
+    (`channels_last`; DDP's buckets follow the parameters' layout, so before wrapping), moved to `device` and
+    wrapped by `wrap` (DDP on a Ray Train worker), with their optimisers (`capturable` for a CUDA graph) and
+    stabilisers."""
+    torch.manual_seed(cfg.seed)
+    G, D = build(spec)
+    if channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G, D = wrap(G.to(device)), wrap(D.to(device))
+    return make_state(spec, G, D, lr_g=cfg.lr_g, lr_d=cfg.lr_d, beta1=cfg.beta1, beta2=cfg.beta2, loss=cfg.loss,
+                      d_steps=cfg.d_steps, ema=cfg.ema, ema_halflife_kimg=cfg.ema_halflife_kimg,
+                      world_size=world_size, capturable=capturable, optimizer=cfg.optimizer,
+                      beta1_d=cfg.beta1_d, beta2_d=cfg.beta2_d, r1_gamma=cfg.r1_gamma, r2_gamma=cfg.r2_gamma,
+                      reg_every=cfg.r1_every, augment=parse_policy(cfg.augment))
+
+
+def make_optimizer(params, kind: str, lr: float, beta1: float, beta2: float,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam(lr, (beta1, beta2)), or RMSprop with beta1 as its momentum and beta2 as its squared-gradient decay
+    (`alpha`): the two optimisers the seed's article names, on one pair of knobs."""
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=beta2, momentum=beta1, capturable=capturable)
+    if kind != "adam":
+        raise ValueError(f"unknown optimizer {kind!r}")
+    return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), capturable=capturable)
 
 
 @contextlib.contextmanager
@@ -130,39 +185,58 @@ class StepNets:
 
 def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
              nets: StepNets | None = None) -> dict[str, torch.Tensor]:
-    """One discriminator step: real and fake go through D in a single forward (one DDP all-reduce)."""
+    """One discriminator step: real and fake go through D in a single forward (one DDP all-reduce), augmented
+    alike; on regularisation steps the R1/R2 penalties join the loss before its one backward."""
     nets = nets or StepNets.of(state)
-    d_loss_fn, _ = losses.get(state.loss)
+    loss = losses.get(state.loss)
     n = real.shape[0]
     z = sample_latent(n, state.spec.latent_dim, device=real.device)
     fake_labels = sample_labels(n, state.spec.num_classes, device=real.device) if labels is not None else None
     with nets.autocast():
         with torch.no_grad():
             fake = nets.G_plain(z, fake_labels).to(real.dtype)
-        both = torch.cat([real, fake])
+        both = augment(torch.cat([real, fake]), state.augment)
         both_labels = torch.cat([labels, fake_labels]) if labels is not None else None
         logits = nets.D_train(both, both_labels).float()
     real_logits, fake_logits = logits[:n], logits[n:]
-    loss_d = d_loss_fn(real_logits, fake_logits)
+    loss_d = loss.d(real_logits, fake_logits)
+    out = {"loss_d": loss_d.detach(), "d_real": torch.sigmoid(real_logits.detach()).mean(),
+           "d_fake": torch.sigmoid(fake_logits.detach()).mean()}
+    total = loss_d
+    if (state.r1_gamma or state.r2_gamma) and state.step % state.reg_every == 0:
+        # Through the plain, eager D (compiled modules do not double-backward); fp32, outside autocast.
+        plain_d = unwrap(state.D)
+        if state.r1_gamma:
+            out["r1"] = r1 = losses.gradient_penalty(plain_d, both[:n], labels)
+            total = total + r1 * (state.r1_gamma / 2 * state.reg_every)
+        if state.r2_gamma:
+            out["r2"] = r2 = losses.gradient_penalty(plain_d, both[n:], fake_labels)
+            total = total + r2 * (state.r2_gamma / 2 * state.reg_every)
+        out = {k: v.detach() for k, v in out.items()}
     state.opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
+    total.backward()
     state.opt_d.step()
-    return {"loss_d": loss_d.detach(), "d_real": torch.sigmoid(real_logits.detach()).mean(),
-            "d_fake": torch.sigmoid(fake_logits.detach()).mean()}
+    return out
 
 
-def g_update(state: GANState, n: int, device: torch.device | str, conditional: bool,
+def g_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
              nets: StepNets | None = None) -> torch.Tensor:
-    """One generator step through a frozen D (the plain module: no DDP hooks for D's parameters)."""
+    """One generator step through a frozen D (the plain module: no DDP hooks for D's parameters). `real` and its
+    `labels` are used only by a relativistic loss, which compares each fake with a real."""
     nets = nets or StepNets.of(state)
-    _, g_loss_fn = losses.get(state.loss)
+    loss = losses.get(state.loss)
+    n, device = real.shape[0], real.device
     z = sample_latent(n, state.spec.latent_dim, device=device)
-    fake_labels = sample_labels(n, state.spec.num_classes, device=device) if conditional else None
+    fake_labels = sample_labels(n, state.spec.num_classes, device=device) if labels is not None else None
     with frozen(unwrap(state.D)):
         with nets.autocast():
             fake = nets.G_train(z, fake_labels)
-            logits = nets.D_plain(fake, fake_labels).float()
-        loss_g = g_loss_fn(logits)
+            logits = nets.D_plain(augment(fake, state.augment), fake_labels).float()
+            real_logits = None
+            if loss.g_needs_real:
+                with torch.no_grad():
+                    real_logits = nets.D_plain(augment(real, state.augment), labels).float()
+        loss_g = loss.g(logits, real_logits)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     state.opt_g.step()
@@ -204,11 +278,12 @@ def train_step(state: GANState, real: torch.Tensor, labels: torch.Tensor | None 
     conditional = state.spec.conditional
     if conditional and labels is None:
         raise ValueError("conditional model needs labels")
-    out = d_update(state, real, labels if conditional else None, nets)
+    labels = labels if conditional else None
+    out = d_update(state, real, labels, nets)
     state.step += 1
     n = real.shape[0]
     state.images_seen += n * state.world_size
     if state.step % state.d_steps == 0:
-        out["loss_g"] = g_update(state, n, real.device, conditional, nets)
+        out["loss_g"] = g_update(state, real, labels, nets)
         update_ema(state, n * state.world_size * state.d_steps)
     return out

@@ -82,6 +82,9 @@ class ProgressPrinter(threading.Thread):
             if self._key(row) not in self.seen and "epoch" in row:
                 self.seen.add(self._key(row))
                 self.print_fn(format_progress(row, self.total))
+                if row.get("warning"):
+                    self.print_fn(f"warning: {row['warning']}" + ("; stopping (--stop-on-collapse)"
+                                                                   if row.get("stopped") else ""))
 
     def run(self) -> None:
         while not self.stop_event.wait(0.5):

@@ -19,12 +19,13 @@ from gan_ray.core import checkpoint as ckpt_io
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import check_batch_fits, load_dataset
 from gan_ray.core.epoch import run_epoch
-from gan_ray.core.fast_step import FastPath, make_step_fn, prepare_module
+from gan_ray.core.fast_step import make_step_fn
+from gan_ray.core.health import CollapseWatch
 from gan_ray.core.fast_step import resolve_for as resolve_fast_path
 from gan_ray.core.images import grid_png, write_atomic
-from gan_ray.core.models import ModelSpec, build
+from gan_ray.core.models import ModelSpec
 from gan_ray.core.run_dir import METRICS_FILE, truncate_metrics
-from gan_ray.core.step import GANState, eval_mode, latent_for_seed, make_state
+from gan_ray.core.step import GANState, build_state, eval_mode, latent_for_seed, spec_for
 
 # Hooks run on rank 0 at checkpoint (and --eval-every) epochs: (cfg, state, epoch, device) -> extra metrics, merged
 # into that epoch's report. The driver passes them in the loop config (gan_ray.eval.hook.QualityHook adds fd and
@@ -44,34 +45,62 @@ def fixed_noise(spec: ModelSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor 
     return latent_for_seed(n, spec.latent_dim, seed), labels
 
 
-def build_state(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world_size: int,
-                wrap: Callable[[torch.nn.Module], torch.nn.Module], fast: FastPath | None = None) -> GANState:
-    """Models initialised identically on every rank (seeded), laid out for the fast path (channels_last), moved and
-    wrapped by `wrap`, plus optimisers (capturable Adam when the step is captured in a CUDA graph)."""
-    fast = fast or FastPath()
-    torch.manual_seed(cfg.seed)
-    G, D = build(spec)
-    G, D = (wrap(prepare_module(m.to(device), fast)) for m in (G, D))
-    return make_state(spec, G, D, lr_g=cfg.lr_g, lr_d=cfg.lr_d, beta1=cfg.beta1, beta2=cfg.beta2, loss=cfg.loss,
-                      d_steps=cfg.d_steps, ema=cfg.ema, ema_halflife_kimg=cfg.ema_halflife_kimg,
-                      world_size=world_size, capturable=fast.cuda_graph)
-
-
 def _all_reduce_epoch(res, world_size: int, device: torch.device) -> dict[str, float]:
-    """Mean losses over ranks; throughput as all images over the slowest rank's time."""
+    """Mean losses (and penalties) over ranks; throughput as all images over the slowest rank's time. Every rank
+    gets the same values, so decisions taken on them (stopping a collapsed run) agree."""
     import torch.distributed as dist
 
-    t = torch.tensor([res.loss_d, res.loss_g, res.d_real, res.d_fake, res.images, res.seconds], device=device,
-                     dtype=torch.float64)
+    t = torch.tensor([res.loss_d, res.loss_g, res.d_real, res.d_fake, res.r1 or 0.0, res.r2 or 0.0, res.images,
+                      res.seconds], device=device, dtype=torch.float64)
     if world_size > 1 and dist.is_initialized():
         sums = t.clone()
         dist.all_reduce(sums)
-        slowest = t[5:6].clone()
+        slowest = t[7:8].clone()
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        t = torch.cat([sums[:4] / world_size, sums[4:5], slowest])
-    loss_d, loss_g, d_real, d_fake, images, seconds = t.tolist()
-    return {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
-            "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds}
+        t = torch.cat([sums[:6] / world_size, sums[6:7], slowest])
+    loss_d, loss_g, d_real, d_fake, r1, r2, images, seconds = t.tolist()
+    out = {"loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
+           "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds}
+    if res.r1 is not None:
+        out["r1"] = r1
+    if res.r2 is not None:
+        out["r2"] = r2
+    return out
+
+
+def weights_digest(state: GANState) -> str:
+    """A short hash of this rank's G and D weights, bit for bit: equal on every rank when DDP keeps them in sync."""
+    import hashlib
+
+    from gan_ray.core.step import unwrap
+
+    h = hashlib.sha256()
+    for net in (unwrap(state.G), unwrap(state.D)):
+        for name, p in sorted(net.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _gather_digests(digest: str, world_size: int) -> list[str]:
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return [digest]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, digest)
+    return out
+
+
+def _agree(stop: bool, world_size: int, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank (a stop must be taken by all ranks at the same epoch)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def ddp_buffer_kwargs() -> dict[str, bool]:
@@ -114,11 +143,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     check_batch_fits(len(data), world, cfg.batch_size)  # the driver checked the count it expects; this is the real one
     if device.type == "cuda":
         data = data.to(device)  # GPU-resident: batches are gathered on the device, no host copies per step
-    spec = ModelSpec(cfg.arch, cfg.latent_dim, data.shape, data.num_classes if cfg.conditional else 0)
+    spec = spec_for(cfg, data.shape, data.num_classes)
     ddp_kwargs = ddp_buffer_kwargs()
     fast = resolve_fast_path(cfg, device, world)  # `auto` -> the fastest correct path on this device
     state = build_state(cfg, spec, device, world,
-                        lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs), fast)
+                        lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs),
+                        channels_last=fast.channels_last, capturable=fast.cuda_graph)
 
     run_dir = cfg.run_dir
     start_epoch = 1
@@ -142,6 +172,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     restored_from = start_epoch - 1 if restored is not None else None
 
     step_fn = make_step_fn(state, fast)  # after the restore: a CUDA graph captures the restored tensors
+    board = TensorBoard(run_dir, start_epoch) if rank == 0 else None
+    watch = CollapseWatch()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.time()
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
@@ -152,6 +184,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if restored_from is not None and epoch == start_epoch:
             metrics["restored_from"] = restored_from
         is_ckpt = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+        if is_ckpt:  # each rank's weights, bit for bit: DDP keeps them equal (tests check this is so)
+            metrics["weights_digest"] = _gather_digests(weights_digest(state), world)
+        grid = None
         if rank == 0:
             for hook in hooks:
                 if is_ckpt or (cfg.eval_every and epoch % cfg.eval_every == 0):
@@ -159,13 +194,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if cfg.sample_every and epoch % cfg.sample_every == 0:
                 with torch.no_grad(), eval_mode(state.sampler) as sampler:  # --no-ema: G itself, in train mode
                     imgs = sampler(z_fixed.to(device), labels_fixed.to(device) if labels_fixed is not None else None)
-                write_atomic(run_dir / "samples" / f"epoch_{epoch:04d}.png",
-                             grid_png(imgs, nrow=spec.num_classes or 8))
+                grid = grid_png(imgs, nrow=spec.num_classes or 8)
+                write_atomic(run_dir / "samples" / f"epoch_{epoch:04d}.png", grid)
+            warning = watch.check(metrics)
+            if warning:
+                metrics["warning"] = warning
+                if cfg.stop_on_collapse:
+                    metrics["stopped"] = warning
             metrics["wall_s"] = round(time.time() - t_epoch, 3)
             metrics["time"] = time.time()
             with open(run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        if is_ckpt:
+            board.write(epoch, metrics, grid)
+        stop = _agree("stopped" in metrics, world, device)
+        if is_ckpt or stop:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:
@@ -174,3 +216,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=checkpoint)
         else:
             ray.train.report(metrics)
+        if stop:
+            break
+    if board is not None:
+        board.close()
+
+
+class TensorBoard:
+    """Rank 0's TensorBoard event files in RUN_DIR/tensorboard: every numeric metric of an epoch as a scalar
+    (losses, D's outputs, img/s, the quality metrics), and the epoch's sample grid as an image.
+    `purge_step`: after a resume or a recovery the replayed epochs replace the ones logged before."""
+
+    def __init__(self, run_dir: Path, start_epoch: int):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch)
+
+    def write(self, epoch: int, metrics: dict[str, Any], grid_png: bytes | None) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "time"):
+                self.writer.add_scalar(f"train/{key}", value, epoch)
+        if grid_png is not None:
+            import io
+
+            import numpy as np
+            from PIL import Image
+
+            image = np.asarray(Image.open(io.BytesIO(grid_png)).convert("RGB"))
+            self.writer.add_image("samples", image, epoch, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

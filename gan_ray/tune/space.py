@@ -76,6 +76,8 @@ NOT_SEARCHABLE = {
     "eval_every": "the sweep sets it",
     "checkpoint_every": "the sweep sets it",
     "max_failures": "it is a fault-tolerance setting",
+    "eval_full": "the sweep's objective, fd, is in every evaluation anyway",
+    "stop_on_collapse": "it is how a run ends, not how it trains",
 }
 
 
