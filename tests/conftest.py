@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,10 +25,10 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        from gan_ray.cluster import apply_to_local_cluster
+        from gan_ray.cluster import init_local
 
-        apply_to_local_cluster()  # what `gan-ray serve` gives a cluster it starts: HAProxy in front of Serve
-        ray.init(num_cpus=4, include_dashboard=True, configure_logging=True, logging_level="WARNING")
+        # what `gan-ray serve` gives a cluster it starts: HAProxy in front of Serve, its side ports on localhost
+        init_local(num_cpus=4, include_dashboard=True, configure_logging=True, logging_level="WARNING")
     yield ray
     try:
         from ray import serve
@@ -35,7 +36,9 @@ def ray_cluster():
         serve.shutdown()
     except Exception:
         pass
-    ray.shutdown()
+    from gan_ray.cluster import shutdown
+
+    shutdown()  # Ray, and every process of the session's cluster still alive after it
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25) -> float:
@@ -78,3 +81,150 @@ def tensorboard_tags(log_dir: Path) -> dict[str, set]:
                 out["images" if value.HasField("image") else "scalars"].add(value.tag)
                 out["steps"].add(event.step)
     return out
+
+
+# ------------------------------------------------------------------------------- stopping a command cleanly
+def _socket_inodes(pids) -> dict[str, int]:
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            continue
+    return inodes
+
+
+def _tcp_sockets():
+    """(local port, state, inode) of every TCP socket (/proc/net/tcp{,6}; state 0A = LISTEN, 06 = TIME_WAIT)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            yield int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+
+
+def listening_ports(pids: set[int]) -> set[int]:
+    """TCP ports the given processes listen on (their sockets' inodes matched in /proc/net/tcp{,6})."""
+    inodes = _socket_inodes(pids)
+    return {port for port, state, inode in _tcp_sockets() if state == "0A" and inode in inodes}
+
+
+def only_time_wait(port: int) -> bool:
+    states = {state for p, state, _ in _tcp_sockets() if p == port}
+    return bool(states) and states <= {"06"}
+
+
+def port_holders(port: int) -> set[int]:
+    """Processes holding a socket on local `port` (TIME_WAIT aside: that belongs to no process)."""
+    wanted = {inode for p, state, inode in _tcp_sockets() if p == port and state != "06"}
+    if not wanted:
+        return set()
+    inodes = _socket_inodes(int(p) for p in os.listdir("/proc") if p.isdigit())
+    return {pid for inode, pid in inodes.items() if inode in wanted}
+
+
+def bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server would; a live listener still wins
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+class Command:
+    """A `gan-ray` command in its own process group, its output collected line by line."""
+
+    def __init__(self, *args: str, env: dict | None = None, cwd: Path | None = None):
+        import threading
+
+        full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([*GAN_RAY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=cwd or ROOT, env=full_env, start_new_session=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")), daemon=True).start()
+
+    def wait_for_line(self, pattern: str, timeout_s: float) -> str:
+        import re
+
+        wait_for(lambda: any(re.search(pattern, line) for line in self.out + self.err) or self.proc.poll() is not None,
+                 timeout_s, f"a line matching {pattern!r}")
+        found = [line for line in self.out + self.err if re.search(pattern, line)]
+        assert found, f"exited {self.proc.returncode} before {pattern!r}:\n{self.text()[-3000:]}"
+        return found[0]
+
+    def text(self) -> str:
+        return "".join(self.out) + "".join(self.err)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 180) -> int:
+        """Send `sig` at this moment, wait for the exit, and check that no process the command started is left
+        and that every port they listened on can be bound again. Returns the exit code."""
+        from gan_ray.cluster import descendants
+
+        import re
+
+        tree = descendants(self.proc.pid)
+        ports = listening_ports(tree | {self.proc.pid})
+        assert tree, "the command started no process: not a busy moment"
+        # what names this command's cluster in a command line: its Ray session, its HAProxy's config directory
+        cmdlines = " ".join(_cmdline(p) for p in tree)
+        marks = set(re.findall(r"/tmp/ray/session_[\w.-]+", cmdlines)) | \
+            set(re.findall(r"/tmp/haproxy-serve/\w+/", cmdlines))
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        time.sleep(0.5)  # the reader threads catch up
+        alive = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:100] for p in tree
+                 if Path(f"/proc/{p}").exists() and not _zombie(p)}
+        assert not alive, f"left behind: {alive}\n{self.text()[-2000:]}"
+        strays = {p: _cmdline(p)[:100] for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+                  if p != os.getpid() and any(m in _cmdline(p) for m in marks) and not _zombie(p)}
+        assert not strays, f"processes of the command's cluster left behind: {strays}"
+        busy: list[int] = []
+
+        def free() -> bool:
+            # A listener closes with its process (give the kernel a moment); a port another program on this
+            # machine (another Ray cluster, say) took meanwhile is not the command's.
+            # Connections the command's servers closed linger in TIME_WAIT (kernel state, no process: a server
+            # setting SO_REUSEADDR binds over them, as Ray's replicas do).
+            busy[:] = sorted(p for p in ports if not bindable(p) and not only_time_wait(p)
+                             and not (port_holders(p) - tree - {self.proc.pid}))
+            return not busy
+
+        try:
+            wait_for(free, 10, "the command's ports to be free")
+        except AssertionError:
+            detail = {p: [(pid, _cmdline(pid)[:60]) for pid in port_holders(p)] for p in busy}
+            sockets = {p: [(state, inode) for q, state, inode in _tcp_sockets() if q == p] for p in busy}
+            raise AssertionError(f"ports still bound after the command stopped: {detail} {sockets}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import argparse
 
-from gan_ray.cli.flags import add_address, positive_int
+from gan_ray.cli.flags import add_address, positive_int, stopped
 from gan_ray.core.config import TrainConfig
 
 # Chosen by measurement (README, "The demo"): a class-conditional MLP reaches all ten classes in the time budget
@@ -64,10 +64,18 @@ def add_command(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_demo(out_dir=args.out, address=args.address, workers=args.workers)
+    step = {"now": "start-up"}
+    try:
+        return run_demo(out_dir=args.out, address=args.address, workers=args.workers, step=step)
+    except KeyboardInterrupt:
+        return stopped("demo", f"stopped during {step['now']}; what it wrote so far is in {Path(args.out).resolve()} "
+                               "(re-running resumes the sweep and the training)")
 
 
-def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2) -> int:
+def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2,
+             step: dict[str, str] | None = None) -> int:
+    """The main job end to end; `step["now"]` names the step under way (for the line a stop prints)."""
+    step = step if step is not None else {}
     from gan_ray.cluster import port_or_free
     from gan_ray.core.images import save_samples
     from gan_ray.core.model_dir import export, load_generator
@@ -81,10 +89,12 @@ def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2
     # Serve's actors log every HAProxy reload and replica change at INFO on stderr, which Ray forwards here and
     # which would bury the demo's own lines; they still go to the session's log files (printed at the end).
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    step["now"] = "the sweep (1/4)"
     print(f"[demo] 1/4 sweep: {SWEEP_TRIALS} Ray Tune trials of up to {SWEEP_EPOCHS} epochs over {SWEEP_SPACE}")
     best = _sweep(out, address)
     t_sweep = time.time()
     cfg = TrainConfig(**{**DEMO_CONFIG, **best}, workers=workers, storage=str(out / "runs"), name="digits")
+    step["now"] = "training (2/4)"
     print(f"[demo] 2/4 train: {cfg.arch} (conditional) on {cfg.dataset} with {workers} Ray Train workers for "
           f"{cfg.epochs} epochs, lr_g={cfg.lr_g:.2e} lr_d={cfg.lr_d:.2e} latent_dim={cfg.latent_dim}")
     fit(cfg, address=address)
@@ -92,9 +102,11 @@ def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2
     model_dir = export(best_checkpoint(cfg.run_dir), out / "model")
     images, labels = load_generator(model_dir).generate_with_labels(100, None, seed=0)
     save_samples(out / "samples.png", images, labels)
+    step["now"] = "serving (3/4)"
     print(f"[demo] 3/4 serve: {model_dir} on Ray Serve")
     url = start_serving(model_dir, port=port_or_free(8000, "127.0.0.1"), address=address, max_replicas=1)
     try:
+        step["now"] = "the query (4/4)"
         print(f"[demo] 4/4 query: POST {url}/v1/generate (100 digits, one column per class)")
         result = generate(url, n=100, labels=[i % 10 for i in range(100)], seed=0, format="png")
         grid = save(result, out / "grid.png")

@@ -1,11 +1,16 @@
-"""What every command's parser shares: the parser class, the typed-number flags, the training flags built from
-`TrainConfig`'s fields, and turning the flags given into a validated config.
+"""What every command shares: the parser class, the typed-number flags, the training flags built from
+`TrainConfig`'s fields, turning the flags given into a validated config, and how a command is stopped.
 
-Usage errors are one line (exit code 2), like every other user error.
+Usage errors are one line (exit code 2), like every other user error. SIGTERM (docker stop, kubectl delete,
+systemd) is handled like Ctrl-C: the handler runs the process's Ctrl-C handler, so every command stops the way it
+does on Ctrl-C (Tune saves its state, Serve deletes its app, ...), says in one line what it stopped, and exits 143.
 """
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from gan_ray.core.config import TrainConfig, field_cli, field_types, flag_name, load_yaml, resolve
@@ -152,3 +157,37 @@ def add_ingress(p: argparse.ArgumentParser) -> None:
                    help="front door of a cluster this command starts: haproxy (default where its binary exists; "
                         "replicas answer HTTP directly) or proxy (Serve's Python proxy). A joined cluster keeps "
                         "its own (set RAY_SERVE_ENABLE_HA_PROXY=1 where it starts)")
+
+
+# ------------------------------------------------------------------------------------------------ stopping
+class Stopping:
+    """Which signal is stopping this command: set by the SIGTERM handler, read when printing the stop line and
+    choosing the exit code (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    cause = "Ctrl-C"
+    by_sigterm = False
+
+    @classmethod
+    def install(cls) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, cls._on_sigterm)
+
+    @classmethod
+    def _on_sigterm(cls, signum, frame) -> None:
+        cls.cause, cls.by_sigterm = "SIGTERM", True
+        on_ctrl_c = signal.getsignal(signal.SIGINT)
+        # The command's own Ctrl-C path: Python's KeyboardInterrupt, or Tune's graceful stop (it saves the sweep).
+        # Not Ray Train's: its handler calls the controller with a nested ray.get inside the signal handler while
+        # the driver waits in ray.get, and the driver dies with exit code 1; a KeyboardInterrupt stops the driver,
+        # and the CLI then ends the run's cluster (the last registered checkpoint stays the one to resume from).
+        # SIGINT ignored (a background job of a non-interactive shell): stop all the same.
+        if callable(on_ctrl_c) and not getattr(on_ctrl_c, "__module__", "").startswith("ray.train"):
+            on_ctrl_c(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+
+def stopped(command: str, what: str) -> int:
+    """Print the one line that says what an interrupted command stopped; the exit code for it."""
+    print(f"gan-ray {command}: stopped ({Stopping.cause}): {what}", file=sys.stderr, flush=True)
+    return 143 if Stopping.by_sigterm else 130

@@ -10,7 +10,8 @@ import sys
 from typing import Sequence
 
 from gan_ray.cli import bench, demo, evaluate, export, generate, sample, serve, submit, train, tune
-from gan_ray.cli.flags import Parser
+from gan_ray import cluster
+from gan_ray.cli.flags import Parser, Stopping, stopped
 from gan_ray.core.errors import UserError, one_line
 
 # In the order `gan-ray --help` lists them.
@@ -27,15 +28,21 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Whatever happens, a Ray cluster the command started is shut down with every one of its
+    processes before returning (a stopped command leaves no process and no bound port)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = f"gan-ray {argv[0]}" if argv and not argv[0].startswith("-") else "gan-ray"
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    cmd = f"gan-ray {command}".rstrip()
     parser = build_parser()
+    Stopping.install()
     try:
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except UserError as exc:
         print(f"{cmd}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        code = stopped(command or "", "interrupted before it finished")
+    finally:
+        cluster.shutdown()
+    return 143 if Stopping.by_sigterm and code != 2 else code

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import threading
+import time
 from pathlib import Path
 
-from gan_ray.cli.flags import add_address, add_ingress, add_model_flags, given_model_values, port
+from gan_ray.cli.flags import add_address, add_ingress, add_model_flags, given_model_values, port, stopped
 from gan_ray.core.errors import UserError
 from gan_ray.serve.schema import ServeArgs
 
@@ -48,22 +46,19 @@ def run(args: argparse.Namespace) -> int:
         return build(args, sargs)
     from gan_ray.serve.deployment import start_serving, stop_serving
 
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         url = start_serving(sargs, host=args.host, port=args.port, address=args.address, ingress=args.ingress)
         print(f"serving {Path(args.model).resolve()} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
         print(f"  try: curl -s -X POST {url}/v1/generate -H 'Content-Type: application/json' "
               "-d '{\"n\": 16, \"seed\": 1}' -o grid.png", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while True:  # until Ctrl-C or SIGTERM (which the CLI turns into a Ctrl-C)
+            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        print("shutting down", file=sys.stderr, flush=True)
         stop_serving()
-    return 0
+        return stopped("serve", f"deleted the deployment and shut down the Ray cluster it started; port "
+                                f"{args.port} is free")
+    finally:
+        stop_serving()  # also after an error; a no-op once done
 
 
 def build(args: argparse.Namespace, sargs: ServeArgs) -> int:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gan_ray.cli.flags import key_value, nonneg_float
+from gan_ray.cli.flags import key_value, nonneg_float, stopped
 from gan_ray.core.errors import UserError, one_line
 
 
@@ -75,9 +75,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         status = jobs.follow(client, sub.submission_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {sub.submission_id} keeps running "
-              f"(stop it: ray job stop {sub.submission_id} --address {address})", file=sys.stderr)
-        return 130
+        return stopped("submit", f"stopped following job {sub.submission_id}, which keeps running on the cluster "
+                                 f"(stop it: ray job stop {sub.submission_id} --address {address})")
     print(f"job {sub.submission_id} {status}", flush=True)
     if status != "SUCCEEDED":
         info = client.get_job_info(sub.submission_id)

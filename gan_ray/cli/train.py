@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gan_ray.cli.flags import add_address, add_train_flags, resolve_train_config
+from gan_ray.cli.flags import add_address, add_train_flags, resolve_train_config, stopped
 from gan_ray.core.config import TrainConfig
 
 
@@ -20,8 +20,25 @@ def add_command(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from gan_ray.train.driver import fit
 
+    from gan_ray.core.run_dir import finished_epochs, stop_reason
+
     cfg = resolve_train_config(args)
-    result = fit(cfg, address=args.address)
+    try:
+        result = fit(cfg, address=args.address)
+        # Ray Train takes a Ctrl-C (and the CLI's SIGTERM, which is one) itself: it aborts the run gracefully and
+        # fit() returns, with fewer epochs than asked and no error.
+        interrupted = (result is not None and not getattr(result, "error", None)
+                       and finished_epochs(cfg.run_dir) < cfg.epochs and not stop_reason(cfg.run_dir))
+    except KeyboardInterrupt:
+        interrupted = True
+    except SystemExit as exc:  # Train's handler exits 0 when its abort finds the run already gone
+        if exc.code not in (0, None):
+            raise
+        interrupted = True
+    if interrupted:
+        done = finished_epochs(cfg.run_dir)
+        kept = f"keeps its checkpoint of epoch {done}" if done else "has no checkpoint yet"
+        return stopped("train", f"run {cfg.run_dir} {kept}; re-run the same command to resume")
     return report(cfg, result)
 
 

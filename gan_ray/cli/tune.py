@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gan_ray.cli.flags import add_address, add_model_flags, add_train_flags, given_model_values, given_train_values
+from gan_ray.cli.flags import (add_address, add_model_flags, add_train_flags, given_model_values, given_train_values,
+                               stopped)
 from gan_ray.core.config import load_yaml
 from gan_ray.core.errors import UserError
 from gan_ray.tune.space import SweepSettings
@@ -59,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  fd against the hyperparameters: {result.plot}")
     print(f"  TensorBoard:                 tensorboard --logdir {result.path}")
     if result.interrupted:
-        print("[tune] interrupted: re-run the same command to resume (finished trials are kept)")
-        return 130
+        return stopped("tune", f"the sweep {result.path} is saved; re-run the same command to resume it "
+                               "(finished trials are kept)")
     if result.best is None:
         print("[tune] no trial produced a scored checkpoint")
         return 1

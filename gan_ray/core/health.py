@@ -5,8 +5,8 @@ useless epochs.
 - divergence: a loss is NaN or infinite;
 - D has won: D(x) near 1 and D(G(z)) near 0 for `patience` epochs in a row: G gets vanishing gradients and its
   samples stop changing (on real MNIST the plain setups end here within a few epochs);
-- mode collapse: the samples read as a single class at an evaluation (metrics' `classes_seen`), on a labelled
-  dataset.
+- mode collapse: the samples read as a single class at `eval_patience` evaluations in a row (metrics'
+  `classes_seen`), on a labelled dataset.
 
 Pure Python, no torch: the worker loop feeds it rank 0's rows.
 """
@@ -22,7 +22,9 @@ ADVICE = "try --r1-gamma 10, --spectral-norm, --augment translation,cutout or a 
 @dataclass
 class CollapseWatch:
     patience: int = 3  # epochs in a row of D winning before it counts
+    eval_patience: int = 2  # evaluations in a row reading a single class (a young G's blobs can, once)
     d_won_for: int = 0
+    one_class_for: int = 0
 
     def check(self, row: dict) -> str | None:
         """A one-line diagnosis when this epoch's row shows a failed run, else None."""
@@ -38,7 +40,9 @@ class CollapseWatch:
             return (f"D has won for {self.d_won_for} epochs (D(x) {row['d_real']:.2f}, D(G(z)) {row['d_fake']:.2f}): "
                     f"G gets no useful gradient and is not recovering; {ADVICE}")
         seen = row.get("classes_seen")
-        if seen is not None and seen <= 1:
-            return (f"mode collapse: the samples read as {int(seen)} class at epoch {row.get('epoch')} "
-                    f"(class_coverage {row.get('class_coverage', 0):.2f}); {ADVICE}")
+        if seen is not None:  # an evaluation epoch
+            self.one_class_for = self.one_class_for + 1 if seen <= 1 else 0
+        if self.one_class_for >= self.eval_patience:
+            return (f"mode collapse: the samples read as {int(seen)} class at {self.one_class_for} evaluations in a "
+                    f"row (epoch {row.get('epoch')}, class_coverage {row.get('class_coverage', 0):.2f}); {ADVICE}")
         return None

@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from ray import serve
 
 from gan_ray.cluster import ensure_ray
+from gan_ray.cluster import shutdown as shutdown_cluster
 from gan_ray.core.model_dir import load_generator
 from gan_ray.serve.http import GENERATE_ROUTE, job_or_422, new_api, response
 from gan_ray.serve.render import Job, Rendered, Renderer
@@ -163,16 +164,18 @@ def start_serving(model: ServeArgs | str | Path, *, host: str = "127.0.0.1", por
 
 
 def stop_serving(name: str | None = None, *, shutdown_serve: bool = True) -> None:
-    """Delete the app; shut Serve down (and Ray, if start_serving started it)."""
+    """Delete the app; shut Serve down, or, if start_serving started the Ray cluster, the whole cluster (every
+    process of it: nothing left behind, the ports free)."""
     import ray
 
     if not ray.is_initialized():
         return
+    ours = shutdown_serve and _state.pop("started_ray", False)
     try:
         serve.delete(name or _state.get("name", APP_NAME))
-        if shutdown_serve:
+        if shutdown_serve and not ours:  # (a cluster we end anyway needs no separate Serve shutdown)
             serve.shutdown()
     finally:
-        if shutdown_serve and _state.pop("started_ray", False):
-            ray.shutdown()
+        if ours:
+            shutdown_cluster()
         _state.pop("name", None)

@@ -1,0 +1,157 @@
+"""SIGTERM (docker stop, kubectl delete, systemd) stops every long-running command like Ctrl-C does: one line
+saying what it stopped, exit code 143, a training run's last checkpoint intact and resumable, and nothing left
+behind: no process of its own (Ray's daemons and agents, workers, HAProxy, a benchmark's plain server) and no
+bound port. Each test sends the signal at a busy moment and checks /proc and the ports afterwards
+(tests/conftest.py: Command.stop). `submit --wait` is in tests/test_cluster_e2e.py, next to its cluster."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import Command, _cmdline, run_cli
+from tests.test_serve import serve_models  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["--dataset", "digits", "--workers", "2", "--batch-size", "32", "--sample-every", "0"]
+
+
+def stop_line(cmd: Command, command: str) -> str:
+    lines = [line for line in cmd.err if line.startswith(f"gan-ray {command}: stopped (SIGTERM): ")]
+    assert len(lines) == 1, cmd.text()[-3000:]
+    return lines[0]
+
+
+def test_train_stops_keeping_its_checkpoint_and_resumes(tmp_path):
+    args = ["train", *TRAIN, "--epochs", "40", "--checkpoint-every", "2", "--storage", str(tmp_path), "--name", "t"]
+    cmd = Command(*args)
+    try:
+        cmd.wait_for_line(r"^epoch\s+3/40", 300)  # a checkpoint (epoch 2) exists, training is under way
+        assert cmd.stop() == 143, cmd.text()[-3000:]
+    finally:
+        cmd.kill()
+    line = stop_line(cmd, "train")
+    done = int(re.search(r"checkpoint of epoch (\d+)", line).group(1))
+    assert done >= 2 and "re-run the same command to resume" in line
+    # the run resumes from that checkpoint and finishes
+    r = run_cli(*args[:-6], "--epochs", str(done + 1), "--checkpoint-every", "2", "--storage", str(tmp_path),
+                "--name", "t", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == done + 1 and rows[-1]["restored_from"] == done
+
+
+def test_tune_stops_with_its_sweep_saved(tmp_path):
+    cmd = Command("tune", "--trials", "3", "--epochs", "20", "--max-concurrent", "1", "--storage", str(tmp_path),
+                  "--name", "s", "--batch-size", "32", "--sample-every", "0", "--eval-samples", "256")
+    try:
+        cmd.wait_for_line(r"\[tune\] \w+\s+epoch 1/", 300)
+        assert cmd.stop() == 143
+    finally:
+        cmd.kill()
+    assert "re-run the same command to resume" in stop_line(cmd, "tune")
+    assert (tmp_path / "s" / "sweep.json").exists()
+
+
+def test_serve_stops_and_frees_its_ports(tmp_path, serve_models):
+    from tests.test_serve import free_port
+
+    port = free_port()
+    cmd = Command("serve", "--model", str(serve_models["conditional"]), "--port", str(port), "--max-replicas", "1")
+    try:
+        cmd.wait_for_line(r"^serving ", 240)
+        from gan_ray.serve.client import generate
+
+        assert generate(f"http://127.0.0.1:{port}", n=4, seed=1, format="npz").arrays()[0].shape[0] == 4
+        assert cmd.stop() == 143
+    finally:
+        cmd.kill()
+    assert f"port {port} is free" in stop_line(cmd, "serve")
+
+
+def test_demo_stops_during_its_sweep(tmp_path):
+    """Tune takes the signal (as it takes a first Ctrl-C) and returns normally: the demo must then stop, not go on
+    to train."""
+    cmd = Command("demo", "--out", str(tmp_path / "demo"))
+    try:
+        cmd.wait_for_line(r"\[tune\] \w+\s+epoch 1/", 300)
+        assert cmd.stop() == 143
+    finally:
+        cmd.kill()
+    assert "stopped during the sweep (1/4)" in stop_line(cmd, "demo")
+    assert "[demo] 2/4 train" not in cmd.text()
+
+
+def test_bench_stops_inside_its_ray_train_run():
+    cmd = Command("bench", "--steps", "600", "--repeats", "3", "--threads", "1")
+    try:
+        import time
+
+        from tests.conftest import wait_for
+
+        from gan_ray.cluster import descendants
+
+        # busy: the Ray Train run is measuring (the plain loop ran first)
+        wait_for(lambda: any("TrainController" in _cmdline(p) for p in descendants(cmd.proc.pid)), 300,
+                 "the Ray Train run")
+        time.sleep(5)
+        assert cmd.stop() == 143, cmd.text()[-2000:]
+    finally:
+        cmd.kill()
+    stop_line(cmd, "bench")
+
+
+def test_bench_serve_stops_its_plain_server_too(tmp_path, serve_models):
+    cmd = Command("bench-serve", "--model", str(serve_models["conditional"]), "--duration-s", "60",
+                  "--concurrency", "1", "--n", "1")
+    try:
+        cmd.wait_for_line(r"\[bench-serve\] plain FastAPI", 240)  # the uvicorn baseline is serving the load
+        assert cmd.stop() == 143
+    finally:
+        cmd.kill()
+    stop_line(cmd, "bench-serve")
+
+
+def test_two_local_deployments_coexist_with_side_ports_on_localhost(tmp_path, serve_models):
+    """Two `gan-ray serve` on one machine: each cluster's HAProxy takes free stats/metrics ports when the defaults
+    are taken, and binds them on 127.0.0.1 only."""
+    from tests.conftest import listening_ports
+
+    from gan_ray.cluster import descendants
+    from tests.test_serve import free_port
+
+    cmds = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            cmds.append((Command("serve", "--model", str(serve_models["conditional"]), "--port", str(port),
+                                 "--max-replicas", "1"), port))
+            cmds[-1][0].wait_for_line(r"^serving ", 240)
+        from gan_ray.serve.client import generate
+
+        side = []
+        for cmd, port in cmds:
+            assert generate(f"http://127.0.0.1:{port}", n=2, seed=1, format="npz").arrays()[0].shape[0] == 2
+            haproxy = {p for p in descendants(cmd.proc.pid) if "haproxy -db" in _cmdline(p)}
+            assert haproxy, "served through HAProxy"
+            side.append(listening_ports(haproxy) - {port})
+            for p in side[-1]:
+                assert _listen_address(p) == "127.0.0.1", (p, _listen_address(p))
+        assert side[0] and side[1] and not side[0] & side[1], side
+        for cmd, _ in cmds:
+            assert cmd.stop() == 143
+    finally:
+        for cmd, _ in cmds:
+            cmd.kill()
+
+
+def _listen_address(port: int) -> str:
+    """The local address a listener on `port` is bound to (IPv4)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        addr, p = fields[1].split(":")
+        if fields[3] == "0A" and int(p, 16) == port:
+            return ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+    return "?"
