@@ -16,7 +16,7 @@ MAX_N = 256  # images per request
 MAX_BODY_BYTES = 64 * 1024  # 256 labels and a seed fit in ~2 KiB; anything near this is not a real request
 MAX_SEED = 2**63 - 1
 # Cells (n x len(text)) of one text request, answered 413 past it: as many images as four full single-image
-# requests (a 16 x 64 or 64 x 16 page); about 60 ms of PNG encoding on one core, so one request cannot hold a
+# requests (a 16 x 64 or 64 x 16 page), 70 ms (png) to 145 ms (json) on one core, so one request cannot hold a
 # replica for long.
 MAX_TEXT_CELLS = 1024
 
