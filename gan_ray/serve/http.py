@@ -55,7 +55,7 @@ def job_or_4xx(renderer: Renderer, req: GenerateRequest) -> Job:
 def page_html() -> str:
     """The try-it page: plain HTML and a little JavaScript that use only the public API (GET /v1/model, POST
     /v1/generate), shipped in the package as page.html so it is one file to read and no build step."""
-    return (resources.files(__package__) / "page.html").read_text(encoding="utf-8")
+    return (resources.files("gan_ray.serve") / "page.html").read_text(encoding="utf-8")
 
 
 def page() -> HTMLResponse:

@@ -36,8 +36,11 @@ class GenerateRequest(BaseModel):
     seed: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(
         None, description="same seed and parameters give byte-identical output; default: a random seed, "
                           "returned in the X-Seed header")
-    text: Optional[Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT)]] = Field(
-        None, json_schema_extra={"pattern": TEXT_PATTERN},
+    # The pattern is documented in the schema (fuzzers and clients read it) and checked by _digits_and_spaces,
+    # whose message says which characters are wrong rather than quoting a regex.
+    text: Optional[Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT,
+                                              json_schema_extra={"pattern": TEXT_PATTERN})]] = Field(
+        None,
         description=f"digits and spaces (1..{MAX_TEXT} characters) written by n writers (1..{MAX_WRITERS}), a line "
                     "each: one latent per writer for every character, spaces blank; conditional models only, not with "
                     f"labels; n x len(text) at most {MAX_TEXT_CELLS} (413 past it)")
