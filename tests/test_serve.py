@@ -232,6 +232,73 @@ def test_label_accuracy_over_http_equals_the_models_own(served):
     assert served_acc == own_acc
 
 
+# ---------------------------------------------------------------------------------------------- text requests
+def test_text_formats_over_http(served):
+    """A string written by n writers: png a row per writer, npz [n, L, C, H, W] equal to the model's own
+    `write` (1e-5) and byte-equal to the local renderer, json the same nested per writer."""
+    from gan_ray.core.model_dir import load_generator
+    from gan_ray.serve.render import Renderer
+    from gan_ray.serve.schema import GenerateRequest
+
+    body = {"text": "20 26", "n": 10, "seed": 2026}
+    r = post(served.cond, body)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.headers["x-seed"] == "2026"
+    assert png_array(r.content).shape == (2 * (10 * 30 + 2), 2 * (5 * 30 + 2))
+    r = post(served.cond, {**body, "format": "npz"})
+    assert r.headers["x-labels"] == ",".join(["2,0,-1,2,6"] * 10)
+    with np.load(io.BytesIO(r.content), allow_pickle=False) as z:
+        images, labels, text = z["images"], z["labels"], str(z["text"])
+    assert images.shape == (10, 5, 1, 28, 28) and images.dtype == np.float32 and text == "20 26"
+    assert labels.tolist() == [[2, 0, -1, 2, 6]] * 10 and not images[:, 2].any()
+    gen = load_generator(served.models["conditional"])
+    np.testing.assert_allclose(images, gen.write("20 26", 10, seed=2026).images.numpy(), atol=1e-5)
+    torch.set_num_threads(1)
+    local = Renderer(gen)
+    assert local.render([local.job(GenerateRequest(**body, format="npz"))])[0].body == r.content
+    js = post(served.cond, {**body, "format": "json"}).json()
+    assert (js["n"], js["seed"], js["text"], js["image_shape"]) == (10, 2026, "20 26", [1, 28, 28])
+    assert js["labels"] == labels.tolist() and [len(line) for line in js["images"]] == [5] * 10
+    tiles = np.array([[png_array(base64.b64decode(s)) for s in line] for line in js["images"]])
+    np.testing.assert_array_equal(tiles, np.round(images[:, :, 0] * 255).astype(np.uint8))
+
+
+def test_text_same_bytes_however_requests_are_batched(served):
+    """A text request alone, and amid concurrent single-image and other text requests (merged by the replica
+    into one forward), gives the same bytes in every format."""
+    noise = [{"n": 33, "seed": 1, "format": "npz"}, {"text": "7 7 7", "n": 64, "seed": 2, "format": "npz"},
+             {"n": 5, "labels": 3, "seed": 3}, {"text": "0123456789", "n": 12, "format": "json"}, {"n": 256}]
+    for fmt in ("png", "npz", "json"):
+        ref = {"text": "1 2026", "n": 9, "seed": 77, "format": fmt}
+        alone = post(served.cond, ref).content
+        bodies = [ref, *noise, ref, *noise, ref]
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda b: post(served.cond, b), bodies))
+        assert all(r.status_code == 200 for r in results), [r.text[:200] for r in results if r.status_code != 200]
+        assert [r.content for r, b in zip(results, bodies) if b is ref] == [alone] * 3, fmt
+    assert post(served.cond, {"text": "2026", "seed": 1}).content != post(served.cond, {"text": "2026",
+                                                                                        "seed": 2}).content
+
+
+def test_bad_text_requests_over_http(served):
+    """Every refusal of tests/test_text.py through the real ingress and replica: 422 naming the field, 413 over
+    the cap; on an unconditional model, 422 saying why."""
+    from tests.test_text import BAD_TEXT
+
+    for case, body, status, mentions in BAD_TEXT:
+        r = post(served.cond, body)
+        assert r.status_code == status and mentions in json.dumps(r.json()["detail"]), (case, r.status_code, r.text)
+    r = post(served.uncond, {"text": "2026", "n": 2})
+    assert r.status_code == 422 and "unconditional" in r.json()["detail"]
+
+
+def test_page_is_served(served):
+    """GET / (with and without the trailing slash under a route prefix): the try-it page, HTML."""
+    for url in (served.cond, served.cond + "/"):
+        r = requests.get(url, timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), (url, r.status_code)
+        assert "v1/generate" in r.text and "<form" in r.text
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 BAD_BODIES = [
     ("n 0", {"n": 0}, "n"),
@@ -371,6 +438,24 @@ def test_cli_generate_client(served, tmp_path):
     assert not (tmp_path / "x.png").exists()
     down = run_cli("generate", "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "y.png"))
     assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+def test_cli_generate_text(served, tmp_path):
+    out = tmp_path / "year.npz"
+    r = run_cli("generate", "--url", served.cond, "--text", "2026", "--n", "10", "--seed", "4", "--out", str(out),
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "'2026' written by 10 writers" in r.stdout and "seed 4" in r.stdout
+    assert out.read_bytes() == post(served.cond, {"text": "2026", "n": 10, "seed": 4, "format": "npz"}).content
+    png = tmp_path / "year.png"
+    assert run_cli("generate", "--url", served.cond, "--text", "2026", "--n", "10", "--out",
+                   str(png)).returncode == 0
+    assert png_array(png.read_bytes()).shape == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))
+    for args, mentions in [(["--text", "20x6"], "text"), (["--text", "1" * 64, "--n", "17"], "1024"),
+                           (["--text", "1", "--labels", "1"], "not both")]:
+        bad = run_cli("generate", "--url", served.cond, *args, "--out", str(tmp_path / "x.png"))
+        assert bad.returncode == 2 and mentions in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_serve_refuses_missing_or_corrupt_model(tmp_path):

@@ -56,6 +56,12 @@ def grid_png(images: torch.Tensor, *, nrow: int | None = None, scale: int = GRID
     return png_bytes(grid(images, nrow=nrow, scale=scale))
 
 
+def lines_png(images: torch.Tensor, *, scale: int = GRID_SCALE) -> bytes:
+    """Written lines [n, L, C, H, W] as one picture: a row per writer, a column per character (a space's blank
+    cell is as dark as the border, so it reads as a gap)."""
+    return grid_png(images.flatten(0, 1), nrow=images.shape[1], scale=scale)
+
+
 def tile_pngs(images: torch.Tensor) -> list[bytes]:
     """One PNG per image of the batch."""
     return [png_bytes(tile) for tile in to_uint8(images)]
@@ -71,7 +77,7 @@ def npz_bytes(images: torch.Tensor, labels: torch.Tensor, **extra: np.ndarray) -
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, arr in arrays.items():
             body = io.BytesIO()
-            np.lib.format.write_array(body, np.ascontiguousarray(arr), allow_pickle=False)
+            np.lib.format.write_array(body, np.asarray(arr, order="C"), allow_pickle=False)  # 0-d stays 0-d
             zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH), body.getvalue())
     return buf.getvalue()
 
@@ -84,16 +90,24 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def save_samples(path: str | Path, images: torch.Tensor, labels: torch.Tensor, *, nrow: int | None = None) -> Path:
-    """Write `.npz` (arrays) or `.png` (grid) by the file's extension."""
+def text_npz_bytes(images: torch.Tensor, labels: torch.Tensor, text: str) -> bytes:
+    """Written lines as arrays: images [n, L, C, H, W], labels [n, L] (-1 for spaces) and the text (a 0-d unicode
+    array, readable without pickle)."""
+    return npz_bytes(images, labels, text=np.asarray(text))
+
+
+def save_samples(path: str | Path, images: torch.Tensor, labels: torch.Tensor, *, nrow: int | None = None,
+                 text: str | None = None) -> Path:
+    """Write `.npz` (arrays) or `.png` (grid) by the file's extension; with `text`, written lines
+    [n, L, C, H, W] (one picture row per writer), as the service sends them."""
     from gan_ray.core.errors import UserError
 
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
     if suffix == ".npz":
-        write_atomic(p, npz_bytes(images, labels))
+        write_atomic(p, npz_bytes(images, labels) if text is None else text_npz_bytes(images, labels, text))
     elif suffix == ".png":
-        write_atomic(p, grid_png(images, nrow=nrow))
+        write_atomic(p, grid_png(images, nrow=nrow) if text is None else lines_png(images))
     else:
         raise UserError(f"--out must end in .npz or .png, got {p.name!r}")
     return p

@@ -24,7 +24,8 @@ class Generated:
     labels: list[int]
 
     def arrays(self):
-        """(images float32 [N,C,H,W], labels int64 [N]) of an npz response."""
+        """(images float32 [N,C,H,W], labels int64 [N]) of an npz response; of a text request's, images
+        [n,L,C,H,W] and labels [n,L] (-1 for spaces)."""
         import numpy as np
 
         with np.load(io.BytesIO(self.body), allow_pickle=False) as z:
@@ -53,11 +54,14 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 60.0
 
 
 def generate(url: str, n: int = 16, labels: int | Sequence[int] | None = None, seed: int | None = None,
-             format: str = "png", timeout: float = 60.0) -> Generated:
-    """POST {url}/v1/generate. Client errors (4xx) raise UserError with the server's `detail`."""
+             format: str = "png", timeout: float = 60.0, text: str | None = None) -> Generated:
+    """POST {url}/v1/generate: n images, or `text` written by n writers (a line each). Client errors (4xx) raise
+    UserError with the server's `detail`."""
     body: dict[str, Any] = {"n": n, "format": format}
     if labels is not None:
         body["labels"] = labels if isinstance(labels, int) else list(labels)
+    if text is not None:
+        body["text"] = text
     if seed is not None:
         body["seed"] = seed
     resp = _request(url.rstrip("/") + "/v1/generate", body, timeout)

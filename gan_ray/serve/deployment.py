@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
 from gan_ray.cluster import ensure_ray
 from gan_ray.cluster import shutdown as shutdown_cluster
 from gan_ray.core.model_dir import load_generator
-from gan_ray.serve.http import GENERATE_ROUTE, job_or_422, new_api, response
+from gan_ray.serve.http import GENERATE_ROUTE, job_or_4xx, new_api, page, response
 from gan_ray.serve.render import Job, Rendered, Renderer
 from gan_ray.serve.schema import API_VERSION, APP_NAME, GenerateRequest, ServeArgs
 
@@ -71,7 +71,7 @@ class GeneratorServer:
 
     @api.post(f"/{API_VERSION}/generate", **GENERATE_ROUTE)
     async def generate(self, req: GenerateRequest) -> Response:
-        return response(await self.render_batch(job_or_422(self.renderer, req)))
+        return response(await self.render_batch(job_or_4xx(self.renderer, req)))
 
     @api.get(f"/{API_VERSION}/model", summary="the model.json of the model being served")
     async def model(self) -> dict[str, Any]:
@@ -80,6 +80,11 @@ class GeneratorServer:
     @api.get("/healthz", summary="liveness")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/", include_in_schema=False)
+    async def index(self) -> HTMLResponse:
+        """The try-it page (the model card, a form, the image): a browser's way in, on the public API only."""
+        return page()
 
 
 def check_model(model_dir: str | Path) -> Path:

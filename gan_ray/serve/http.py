@@ -1,9 +1,11 @@
 """The HTTP face of the service, free of Ray: FastAPI with gan-ray's error handling (every client error a 4xx
-with a JSON `detail`, whatever the body held), and `plain_app`, the same API in one plain process (no Ray, no
-batching) that the serving benchmark measures Ray Serve against.
+with a JSON `detail`, whatever the body held), the page at `/` (page.html beside this file), and `plain_app`, the
+same API in one plain process (no Ray, no batching) that the serving benchmark measures Ray Serve against.
 """
 
 import math
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +13,21 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from gan_ray.core.errors import UserError, one_line
-from gan_ray.serve.render import Job, Rendered, Renderer
-from gan_ray.serve.schema import API_VERSION, ERRORS, MAX_BODY_BYTES, GeneratedImages, GenerateRequest
+from gan_ray.serve.render import Job, Rendered, Renderer, RequestTooLarge
+from gan_ray.serve.schema import (API_VERSION, ERRORS, MAX_BODY_BYTES, GeneratedImages, GenerateRequest,
+                                  WrittenText)
 
 
 DESCRIPTION = """Generated samples on demand (e.g. sixteen handwritten 7s).
 
 `POST /v1/generate` returns a PNG grid, the `.npz` arrays of `gan-ray sample`, or JSON with one base64 PNG per
-image. Every image response carries `X-Seed` (send it back as `seed` to get the same bytes again) and
-`X-Labels`. Client errors are 4xx with a JSON `detail`."""
+image. With `text` (digits and spaces), `n` writers each write the whole line in one hand: the PNG has a row per
+writer, the arrays and JSON are nested per writer. Every image response carries `X-Seed` (send it back as `seed`
+to get the same bytes again) and `X-Labels`. Client errors are 4xx with a JSON `detail`. `/` is a page to try
+the model in a browser."""
 
 
 GENERATE_ROUTE: dict[str, Any] = dict(
@@ -30,16 +35,31 @@ GENERATE_ROUTE: dict[str, Any] = dict(
     response_class=Response,
     responses={200: {"description": "the images in the requested format (headers X-Seed, X-Labels)",
                      "content": {"image/png": {}, "application/x-npz": {},
-                                 "application/json": {"schema": GeneratedImages.model_json_schema()}}},
+                                 "application/json": {"schema": {"oneOf": [
+                                     GeneratedImages.model_json_schema(), WrittenText.model_json_schema()]}}}},
                **ERRORS},
 )
 
 
-def job_or_422(renderer: Renderer, req: GenerateRequest) -> Job:
+def job_or_4xx(renderer: Renderer, req: GenerateRequest) -> Job:
+    """The request as a job, or the client's error: 413 for one over the size cap, else 422."""
     try:
         return renderer.job(req)
+    except RequestTooLarge as exc:
+        raise HTTPException(status_code=413, detail=one_line(exc)) from None
     except UserError as exc:
         raise HTTPException(status_code=422, detail=one_line(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def page_html() -> str:
+    """The try-it page: plain HTML and a little JavaScript that use only the public API (GET /v1/model, POST
+    /v1/generate), shipped in the package as page.html so it is one file to read and no build step."""
+    return (resources.files("gan_ray.serve") / "page.html").read_text(encoding="utf-8")
+
+
+def page() -> HTMLResponse:
+    return HTMLResponse(page_html())
 
 
 def response(r: Rendered) -> Response:
@@ -134,7 +154,7 @@ def plain_app(model_dir: str | Path, device: str = "cpu") -> FastAPI:
 
     @plain.post(f"/{API_VERSION}/generate", **GENERATE_ROUTE)
     def generate(req: GenerateRequest) -> Response:  # sync: FastAPI runs it on its thread pool
-        return response(renderer.render([job_or_422(renderer, req)])[0])
+        return response(renderer.render([job_or_4xx(renderer, req)])[0])
 
     @plain.get(f"/{API_VERSION}/model")
     def model() -> dict[str, Any]:
@@ -143,5 +163,7 @@ def plain_app(model_dir: str | Path, device: str = "cpu") -> FastAPI:
     @plain.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    plain.get("/", include_in_schema=False)(page)
 
     return plain

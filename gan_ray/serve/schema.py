@@ -5,13 +5,20 @@ config file's or the RayService's `args:`). Pydantic, no Ray.
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from gan_ray.core.errors import UserError
+from gan_ray.core.model_dir import MAX_TEXT, MAX_WRITERS, TEXT_PATTERN, text_line
 
 API_VERSION = "v1"
 APP_NAME = "gan-ray"
 MAX_N = 256  # images per request
 MAX_BODY_BYTES = 64 * 1024  # 256 labels and a seed fit in ~2 KiB; anything near this is not a real request
 MAX_SEED = 2**63 - 1
+# Cells (n x len(text)) of one text request, answered 413 past it: as many images as four full single-image
+# requests (a 16 x 64 or 64 x 16 page), 70 ms (png) to 145 ms (json) on one core, so one request cannot hold a
+# replica for long.
+MAX_TEXT_CELLS = 1024
 
 
 Label = Annotated[StrictInt, Field(ge=0, le=1_000_000)]
@@ -29,12 +36,36 @@ class GenerateRequest(BaseModel):
     seed: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(
         None, description="same seed and parameters give byte-identical output; default: a random seed, "
                           "returned in the X-Seed header")
+    # The pattern is documented in the schema (fuzzers and clients read it) and checked by _digits_and_spaces,
+    # whose message says which characters are wrong rather than quoting a regex.
+    text: Optional[Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT,
+                                              json_schema_extra={"pattern": TEXT_PATTERN})]] = Field(
+        None,
+        description=f"digits and spaces (1..{MAX_TEXT} characters) written by n writers (1..{MAX_WRITERS}), a line "
+                    "each: one latent per writer for every character, spaces blank; conditional models only, not with "
+                    f"labels; n x len(text) at most {MAX_TEXT_CELLS} (413 past it)")
     format: Literal["png", "npz", "json"] = Field(
-        "png", description="png: one grid image; npz: arrays images float32 [N,C,H,W] and labels int64 "
-                           "(-1 = unconditional), as `gan-ray sample` writes; json: base64 PNG per image with labels")
+        "png", description="png: one grid image (text: a row per writer); npz: arrays images float32 [N,C,H,W] "
+                           "(text: [n,L,C,H,W]) and labels int64 (-1 = unconditional or a space), as `gan-ray sample` "
+                           "writes; json: base64 PNG per image with labels (text: nested per writer)")
+
+    @field_validator("text")
+    @classmethod
+    def _digits_and_spaces(cls, text: Optional[str]) -> Optional[str]:
+        if text is not None:
+            try:
+                text_line(text)
+            except UserError as exc:  # pydantic reports a ValueError under the field's name
+                raise ValueError(str(exc)) from None
+        return text
 
     @model_validator(mode="after")
     def _labels_match_n(self) -> "GenerateRequest":
+        if self.text is not None:
+            if self.labels is not None:
+                raise ValueError("give either text (a line per writer) or labels (one class per image), not both")
+            if self.n > MAX_WRITERS:
+                raise ValueError(f"n is {self.n}, but text is written by 1..{MAX_WRITERS} writers (n)")
         if isinstance(self.labels, list) and len(self.labels) != self.n:
             raise ValueError(f"labels has {len(self.labels)} entries but n is {self.n} (give n labels or one int)")
         return self
@@ -54,8 +85,20 @@ class GeneratedImages(BaseModel):
     images: list[str] = Field(description="base64-encoded PNG per image")
 
 
+class WrittenText(BaseModel):
+    """The `json` format of a text request: per writer, a line of images."""
+
+    n: int = Field(description="writers (lines)")
+    seed: int
+    text: str
+    image_shape: list[int] = Field(description="C, H, W")
+    labels: list[list[int]] = Field(description="[n][len(text)]: the digit of each cell, -1 for a space")
+    images: list[list[str]] = Field(description="[n][len(text)]: base64-encoded PNG per cell (a space is blank)")
+
+
 ERRORS = {400: {"model": ErrorBody, "description": "malformed Content-Length header"},
-          413: {"model": ErrorBody, "description": "body too large"},
+          413: {"model": ErrorBody, "description": f"body too large, or a text request over {MAX_TEXT_CELLS} "
+                                                   "characters in all (n x len(text))"},
           422: {"model": ErrorBody, "description": "invalid request: `detail` says what is wrong"}}
 
 
