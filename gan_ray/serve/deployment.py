@@ -85,8 +85,10 @@ class GeneratorServer:
         self.not_ready = f"loading {model_dir}"
         self.render_batch.set_max_batch_size(max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        before = model_signature(model_dir)  # taken before the attempt: a model landing during it is noticed
         if not self._load():  # no model (yet): serve 503s with the reason, and keep looking
-            threading.Thread(target=self._wait_for_model, name="gan-ray-model-wait", daemon=True).start()
+            threading.Thread(target=self._wait_for_model, args=(before,), name="gan-ray-model-wait",
+                             daemon=True).start()
 
     def _load(self) -> bool:
         """Load the model if the directory holds one; otherwise record why not. A missing or malformed model is
@@ -105,8 +107,8 @@ class GeneratorServer:
                  "no (a merged forward is not bit-identical on this device; one forward per request)")
         return True
 
-    def _wait_for_model(self) -> None:
-        seen = model_signature(self.model_dir)
+    def _wait_for_model(self, seen: tuple) -> None:
+        """Poll until a model loads, trying again whenever the directory or its files change."""
         while True:
             time.sleep(MODEL_POLL_S)
             now = model_signature(self.model_dir)
