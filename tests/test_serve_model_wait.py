@@ -83,6 +83,20 @@ def test_app_deployed_before_its_model_serves_once_it_is_exported(ray_cluster, s
         serve.delete("t-wait")
 
 
+def test_start_serving_returns_while_the_app_waits_for_its_model(ray_cluster, tmp_path):
+    """What `gan-ray serve --wait-for-model` calls: the app is up (URL returned) and says why it does not serve."""
+    from gan_ray.serve.deployment import start_serving, stop_serving
+
+    start_serve(ray_cluster)
+    url = start_serving(tmp_path / "later", name="t-later", route_prefix="/t-later", wait_for_model=True,
+                        min_replicas=1, max_replicas=1, cpus_per_replica=0.5, wait_s=120)
+    try:
+        assert f"model directory not found: {tmp_path / 'later'}" in not_ready_detail(
+            requests.get(url + "/healthz", timeout=10))
+    finally:
+        stop_serving("t-later", shutdown_serve=False)
+
+
 def test_cli_serve_still_refuses_a_missing_model_unless_told_to_wait(tmp_path):
     """`gan-ray serve --model DIR` is a person at a terminal: a typo in DIR is one line at once (no Ray started).
     --wait-for-model is for a model on its way; with --build it writes the config without the model."""
