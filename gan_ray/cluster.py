@@ -134,8 +134,9 @@ def ensure_ray(address: str | None, ingress: str | None = None) -> None:
 # question itself: a cluster resource constraint (`ray.autoscaler.sdk.request_resources`) is scheduled against the
 # largest cluster its node types and max_workers allow, ignoring what is in use, and reported back as infeasible if
 # it can never fit (`infeasible_cluster_resource_constraints` in the GCS's cluster status). The same request makes
-# it launch the nodes at once when they fit, so only requests that are meant to be met are made. The request is cluster-wide and replaces any earlier one, so it is withdrawn as soon
-# as the wait ends; the job's own placement groups keep the nodes busy from then on.
+# it launch the nodes at once when they fit, so only requests that are meant to be met are made. The request is
+# cluster-wide and replaces any earlier one, so it is withdrawn as soon as the wait ends; the job's own placement
+# groups keep the nodes busy from then on.
 WAIT_ENV = "GAN_RAY_CLUSTER_WAIT_S"
 DEFAULT_WAIT_S = 600.0
 PROGRESS_EVERY_S = 10.0

@@ -1,13 +1,14 @@
 """A Ray cluster with Ray's own autoscaler and its fake-node provider, private to one test module.
 
-`ray.cluster_utils.AutoscalingCluster` would do this, but its start() and shutdown() run `ray stop --force`,
-which kills every Ray process on the machine (the test session's cluster, other people's runs), and it reads a
-config (`autoscaler/_private/fake_multi_node/example.yaml`) that Ray's wheel does not ship. So this starts the
-same thing by hand: `RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...` with its own ports and temp
-dir, and Ray's fake provider class named as an `external` provider (the `fake_multinode` type makes the
-autoscaler read its defaults from that missing example.yaml, and the monitor dies at start). The autoscaler (the head's monitor process) then adds and removes real raylets on this machine as nodes of
-the configured types; they inherit the head's temp dir, so `down()` finds every process of this cluster (those
-whose command line names the temp dir, and all their descendants) and nothing else.
+`ray.cluster_utils.AutoscalingCluster` would do this, but its start() and shutdown() run `ray stop --force`, which
+kills every Ray process on the machine (the test session's cluster, other people's runs), and it reads a config
+(`autoscaler/_private/fake_multi_node/example.yaml`) that Ray's wheel does not ship. So this starts the same thing
+by hand: `RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...` with its own ports and temp dir, and Ray's
+fake provider class named as an `external` provider (the `fake_multinode` type makes the autoscaler read its
+defaults from that missing example.yaml, and the monitor dies at start). The autoscaler (the head's monitor process)
+then adds and removes real raylets on this machine as nodes of the configured types; they inherit the head's temp
+dir, so `down()` finds every process of this cluster (those whose command line names the temp dir, and all their
+descendants) and nothing else.
 """
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ class FakeAutoscalingCluster:
         self.ip = ray._private.services.get_node_ip_address()
         self.gcs_address = f"{self.ip}:{self.gcs_port}"
         self.head_cpus = head_cpus
-        provider = {"type": "external", "module": FAKE_PROVIDER, "use_node_id_as_ip": True, "disable_node_updaters": True,
-                    "disable_launch_config_check": True, "gcs_address": self.gcs_address}
+        provider = {"type": "external", "module": FAKE_PROVIDER, "use_node_id_as_ip": True,
+                    "disable_node_updaters": True, "disable_launch_config_check": True,
+                    "gcs_address": self.gcs_address}
         if v2:
             provider.update(launch_multiple=True, head_node_id=FAKE_HEAD_NODE_ID)
         types = {name: {"node_config": {}, **spec} for name, spec in worker_types.items()}

@@ -766,7 +766,8 @@ def test_kustomize_build_is_what_the_docs_apply():
         else:
             kubernetes_validate.validate(o, "1.30", strict=True)
     images = [c["image"] for _, spec in built_cluster_specs(objects)
-              for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"] for c in pod["template"]["spec"]["containers"]]
+              for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+              for c in pod["template"]["spec"]["containers"]]
     images += [c["image"] for o in objects if o["kind"] == "RayJob"
                for c in o["spec"]["submitterPodTemplate"]["spec"]["containers"]]
     assert images and set(images) == {image}, set(images)
