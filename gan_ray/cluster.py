@@ -135,8 +135,9 @@ def ensure_ray(address: str | None, ingress: str | None = None) -> None:
 # largest cluster its node types and max_workers allow, ignoring what is in use, and reported back as infeasible if
 # it can never fit (`infeasible_cluster_resource_constraints` in the GCS's cluster status). The same request makes
 # it launch the nodes at once when they fit, so only requests that are meant to be met are made. The request is
-# cluster-wide and replaces any earlier one, so it is withdrawn as soon as the wait ends; the job's own placement
-# groups keep the nodes busy from then on.
+# cluster-wide and replaces any earlier one: a waiting driver repeats it every second (two drivers waiting at once
+# take turns), and withdraws it as soon as its wait ends; the job's own placement groups keep the nodes busy from
+# then on.
 WAIT_ENV = "GAN_RAY_CLUSTER_WAIT_S"
 DEFAULT_WAIT_S = 600.0
 PROGRESS_EVERY_S = 10.0
@@ -300,9 +301,14 @@ def never_fits(bundles: list[Bundle], what: str) -> str:
             f"can grow to (node types x max_workers) fits it{hint}")
 
 
+def say(line: str) -> None:
+    """A progress line, flushed at once (a job's log is often a pipe, block-buffered)."""
+    print(line, flush=True)
+
+
 def wait_for_resources(bundles: list[Bundle], what: str, *, timeout_s: float, refuse: Callable[[], None],
                        hold: list[Bundle] | None = None, scaler: Autoscaler | None = None,
-                       checked: bool = False, print_fn: Callable[[str], None] = print) -> None:
+                       checked: bool = False, print_fn: Callable[[str], None] = say) -> None:
     """Return once the cluster's nodes can hold `bundles` (a job's placement group, `what` in messages).
 
     - Fits now: return at once.
@@ -322,10 +328,12 @@ def wait_for_resources(bundles: list[Bundle], what: str, *, timeout_s: float, re
     with scaler.requesting():
         if not checked and not scaler.can_hold(bundles):
             raise UserError(never_fits(bundles, what))
-        scaler.request(hold or bundles)
         t0 = time.monotonic()
         last_line, last_print = "", -PROGRESS_EVERY_S
         while True:
+            # Asked again every round: the request is cluster-wide, and another driver waiting meanwhile replaces
+            # it (or withdraws it when its own wait ends).
+            scaler.request(hold or bundles)
             nodes = node_resources()
             waited = time.monotonic() - t0
             if pack(bundles, nodes):

@@ -21,8 +21,7 @@ from gan_ray.core.run_dir import (METRICS_FILE, check_compatible, finished_epoch
 from gan_ray.train.worker import EpochHook, train_loop_per_worker
 
 
-def check_resources(cfg: TrainConfig, *, wait_s: float | None = None,
-                    print_fn: Callable[[str], None] = print) -> None:
+def check_resources(cfg: TrainConfig, *, wait_s: float | None = None) -> None:
     """Start only what can run: on a fixed cluster, refuse at once (instead of hanging on a placement group) what
     its nodes cannot hold; on an autoscaling one, refuse what it can never hold and wait (`wait_s`, default
     $GAN_RAY_CLUSTER_WAIT_S or 600 s) for the nodes the autoscaler adds for the rest."""
@@ -44,7 +43,7 @@ def check_resources(cfg: TrainConfig, *, wait_s: float | None = None,
                             f"{need_gpu:g} GPUs but the cluster has {total.get('GPU', 0):g}")
 
     wait_for_resources([bundle] * cfg.workers, f"--workers {cfg.workers}", timeout_s=wait_seconds(wait_s),
-                       refuse=refuse, print_fn=print_fn)
+                       refuse=refuse)
 
 
 class ProgressPrinter(threading.Thread):

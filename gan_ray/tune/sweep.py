@@ -87,7 +87,7 @@ def resolve_concurrency(settings: SweepSettings, total: dict[str, float]) -> int
     return min(settings.max_concurrent or fit, settings.trials)
 
 
-def plan_concurrency(settings: SweepSettings, *, wait_s: float | None = None, print_fn=print) -> int:
+def plan_concurrency(settings: SweepSettings, *, wait_s: float | None = None) -> int:
     """Trials at once, and a cluster ready for the first: `resolve_concurrency` on a fixed cluster; on an
     autoscaling one, as many as it can grow to hold (each a verdict of its autoscaler: --max-concurrent, else the
     largest count up to --trials), refused at once if not even one trial ever fits, then waiting (`wait_s`) for
@@ -121,7 +121,7 @@ def plan_concurrency(settings: SweepSettings, *, wait_s: float | None = None, pr
                 low, high = (mid, high) if scaler.can_hold(trial * mid) else (low, mid)
             concurrency = low
         wait_for_resources(trial, what, timeout_s=wait_seconds(wait_s), refuse=lambda: None,
-                           hold=trial * concurrency, scaler=scaler, checked=True, print_fn=print_fn)
+                           hold=trial * concurrency, scaler=scaler, checked=True)
     return concurrency
 
 
