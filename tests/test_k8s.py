@@ -9,6 +9,8 @@ import copy
 import importlib
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from functools import lru_cache
 from pathlib import Path
@@ -213,12 +215,33 @@ def test_no_manifest_uses_fields_guarded_by_unchecked_cel_rules():
             assert not present(o, path), f"{f} uses {'.'.join(path)}, guarded by a CEL rule not checked here"
 
 
+# What the RayService's cluster adds to raycluster.yaml's for high availability (rayservice.yaml's header): GCS
+# fault tolerance, two GPU workers always up, and those spread over nodes and zones. Nothing else may differ.
+SERVICE_HA_FIELDS = ("gcsFaultToleranceOptions", "replicas", "minReplicas", "topologySpreadConstraints")
+
+
+def without_service_ha(spec: dict) -> dict:
+    spec = copy.deepcopy(spec)
+    spec.pop("gcsFaultToleranceOptions", None)
+    for g in spec["workerGroupSpecs"]:
+        g.pop("replicas", None)
+        g.pop("minReplicas", None)
+        g["template"]["spec"].pop("topologySpreadConstraints", None)
+    return spec
+
+
 def test_cluster_spec_is_the_same_everywhere():
-    """One cluster design: the RayJobs and the RayService embed the RayCluster's spec unchanged."""
+    """One cluster design: the RayJobs embed the RayCluster's spec unchanged; the RayService embeds it plus its
+    high-availability settings (SERVICE_HA_FIELDS) and nothing else."""
     specs = list(cluster_specs())
     (_, reference), = [(f, s) for f, s in specs if f == "raycluster.yaml"]
     for f, spec in specs:
-        assert spec == reference, f"{f}'s cluster spec drifted from raycluster.yaml"
+        if f == "rayservice.yaml":
+            assert spec != reference  # it does carry its HA settings
+            assert without_service_ha(spec) == without_service_ha(reference), \
+                f"{f}'s cluster spec differs from raycluster.yaml in more than {SERVICE_HA_FIELDS}"
+        else:
+            assert spec == reference, f"{f}'s cluster spec drifted from raycluster.yaml"
 
 
 def test_head_runs_no_work_and_gpu_workers_autoscale():
@@ -233,7 +256,10 @@ def test_head_runs_no_work_and_gpu_workers_autoscale():
                       if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
         assert gpu_groups, f
         for g in gpu_groups:
-            assert g["minReplicas"] == 0 and g["replicas"] == 0 and g["maxReplicas"] >= 1
+            if f == "rayservice.yaml":  # two GPU workers always up: the two Serve replicas' nodes
+                assert g["minReplicas"] == g["replicas"] == 2 and g["maxReplicas"] > 2
+            else:  # jobs and the long-lived cluster start with none: the drivers wait for the autoscaler
+                assert g["minReplicas"] == 0 and g["replicas"] == 0 and g["maxReplicas"] >= 1
             pod = g["template"]["spec"]
             limits = pod["containers"][0]["resources"]["limits"]
             assert int(limits["nvidia.com/gpu"]) >= 1
@@ -334,8 +360,10 @@ def test_every_ray_node_serves_through_haproxy():
 
 
 def test_shared_storage_is_read_write_many_and_mounted_everywhere():
-    (_, pvc), = of_kind("PersistentVolumeClaim")
+    (_, pvc), = [(f, o) for f, o in of_kind("PersistentVolumeClaim") if o["metadata"]["name"] == "gan-ray-shared"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    # named, not the cluster's default (ReadWriteOnce on EKS, GKE and AKS: the claim would stay Pending)
+    assert pvc["spec"]["storageClassName"] == "gan-ray-shared"
     for f, group, pod in pod_templates():
         if group == "submitter":
             continue
@@ -567,13 +595,23 @@ def kubectl_commands() -> list[tuple[str, list[str]]]:
     """(where, argv) for every kubectl command written in the README, the docs or the k8s/ files' comments."""
     sources = [(p.relative_to(ROOT).as_posix(), p.read_text()) for p in [ROOT / "README.md",
                                                                          *sorted((ROOT / "docs").glob("*.md"))]]
-    sources += [(f"k8s/{p.name}", "\n".join(line for line in p.read_text().splitlines()
-                                             if line.lstrip().startswith("#")))
-                for p in sorted(K8S.glob("*.yaml"))]
+    sources += [(p.relative_to(ROOT).as_posix(), "\n".join(line for line in p.read_text().splitlines()
+                                                          if line.lstrip().startswith("#")))
+                for p in sorted(K8S.rglob("*.yaml"))]
     out = []
     for where, text in sources:
         for m in re.finditer(r"\bkubectl\s[^`|;&#\n]*", text):
             out.append((where, shlex.split(m.group(0))))
+    return out
+
+
+def pod_labels() -> list[dict[str, str]]:
+    """The labels of every pod the manifests make (Ray pods, job submitters, Redis)."""
+    out = []
+    for _, spec in cluster_specs():
+        out += [g["template"]["metadata"]["labels"] for g in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]]
+    out += [o["spec"]["submitterPodTemplate"]["metadata"]["labels"] for _, o in of_kind("RayJob")]
+    out += [o["spec"]["template"]["metadata"]["labels"] for _, o in of_kind("Deployment")]
     return out
 
 
@@ -621,9 +659,21 @@ def test_documented_commands_apply_the_image_rewrite():
                     f"{where}: `{shlex.join(argv)}` applies {file.name} directly, skipping kustomize's image rewrite"
         dirs = option(argv, "-k", "--kustomize")
         for d in dirs:
-            assert (ROOT / d).resolve() == K8S.resolve(), (where, argv)
+            if re.match(r"(https://)?github\.com/", d):  # a remote kustomization (KubeRay's own): not ours
+                continue
+            target = (ROOT / d).resolve()
+            assert target == K8S.resolve() or (target.is_relative_to(K8S.resolve())
+                                               and (target / "kustomization.yaml").is_file()), (where, argv)
+            if target != K8S.resolve():  # an add-on (k8s/monitoring/): no Ray pod, so no image to rewrite
+                assert IMAGE not in (target / "kustomization.yaml").read_text() + "".join(
+                    p.read_text() for p in target.glob("*.yaml")), (where, argv)
+        if not (dirs or option(argv, "-f", "--filename")):  # a selector on live pods (get pods -l ...)
+            for selector in option(argv, "-l", "--selector"):
+                assert any(selector_matches(selector, labels) for labels in pod_labels()), (where, selector)
+            continue
         for selector in option(argv, "-l", "--selector"):
-            assert dirs, f"{where}: `{shlex.join(argv)}` selects without kustomize"
+            assert dirs and all((ROOT / d).resolve() == K8S.resolve() for d in dirs), \
+                f"{where}: `{shlex.join(argv)}` selects without kustomize of k8s/"
             chosen = [(f, o) for f, o, labels in objects if selector_matches(selector, labels)]
             assert chosen, f"{where}: selector {selector!r} matches nothing"
             kinds = {o["kind"] for _, o in chosen}
@@ -664,3 +714,395 @@ def test_object_store_fits_in_dev_shm():
             assert shm < memory, (f, group)
             count += 1
     assert count >= 8  # head and GPU workers of the RayCluster, both RayJobs and the RayService
+
+
+# ------------------------------------------------------------------------------------------- kustomize build
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its built-in kustomize) not installed")
+CLUSTER_SCOPED = {"Namespace", "PriorityClass", "StorageClass"}
+
+
+def kustomize(directory: Path) -> list[dict]:
+    """`kubectl kustomize DIR`: what `kubectl apply -k DIR` sends (offline; no cluster needed)."""
+    r = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [o for o in yaml.safe_load_all(r.stdout) if o]
+
+
+def built_cluster_specs(objects: list[dict]) -> Iterator[tuple[str, dict]]:
+    for o in objects:
+        spec = o.get("spec", {})
+        if o["kind"] == "RayCluster":
+            yield o["metadata"]["name"], spec
+        elif o["kind"] == "RayJob":
+            yield o["metadata"]["name"], spec["rayClusterSpec"]
+        elif o["kind"] == "RayService":
+            yield o["metadata"]["name"], spec["rayClusterConfig"]
+
+
+@needs_kubectl
+@needs_crds
+def test_kustomize_build_is_what_the_docs_apply():
+    """`kubectl apply -k k8s/` sends the build's output: every object in namespace gan-ray (cluster-scoped kinds
+    aside), every Ray pod on the kustomization's image, and every object still valid (CRDs, core schemas)."""
+    import kubernetes_validate
+
+    kz = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (rewrite,) = kz["images"]
+    image = f"{rewrite['newName']}:{rewrite['newTag']}"
+    objects = kustomize(K8S)
+    assert {o["kind"] for o in objects} >= {"Namespace", "PriorityClass", "PersistentVolumeClaim", "Deployment",
+                                            "Service", "RayCluster", "RayJob", "RayService"}
+    assert len(objects) == len(manifests())
+    for o in objects:
+        assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "gan-ray", o["metadata"]["name"]
+        if o["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in o["metadata"], o["kind"]
+        else:
+            assert o["metadata"]["namespace"] == "gan-ray", (o["kind"], o["metadata"]["name"])
+        if o["kind"] in RAY_KINDS:
+            errors = list(jsonschema.Draft7Validator(crd_schema(o["kind"])).iter_errors(o))
+            assert not errors, errors[0].message
+        else:
+            kubernetes_validate.validate(o, "1.30", strict=True)
+    images = [c["image"] for _, spec in built_cluster_specs(objects)
+              for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+              for c in pod["template"]["spec"]["containers"]]
+    images += [c["image"] for o in objects if o["kind"] == "RayJob"
+               for c in o["spec"]["submitterPodTemplate"]["spec"]["containers"]]
+    assert images and set(images) == {image}, set(images)
+
+
+def gpu_groups(spec: dict) -> list[dict]:
+    return [g for g in spec["workerGroupSpecs"]
+            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+
+
+GPU_COMPONENTS = sorted(p.parent.name for p in (K8S / "gpu").glob("*/kustomization.yaml"))
+
+
+@needs_kubectl
+@needs_crds
+@pytest.mark.parametrize("component", GPU_COMPONENTS)
+def test_gpu_node_selection_components(component, tmp_path):
+    """Each cloud's component (enabled as the kustomization's comment and docs/deploy.md say) pins the GPU workers
+    of every cluster spec to its GPU nodes, and the result still validates against the CRDs."""
+    kz_doc = yaml.safe_load((K8S / "gpu" / component / "kustomization.yaml").read_text())
+    assert kz_doc["kind"] == "Component"
+    assert f"gpu/{component}" in (K8S / "kustomization.yaml").read_text()
+    assert f"gpu/{component}" in (ROOT / "docs" / "deploy.md").read_text()
+    copy_dir = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_dir)
+    kz = yaml.safe_load((copy_dir / "kustomization.yaml").read_text())
+    kz["components"] = [f"gpu/{component}"]
+    (copy_dir / "kustomization.yaml").write_text(yaml.safe_dump(kz))
+    objects = kustomize(copy_dir)
+    specs = list(built_cluster_specs(objects))
+    assert len(specs) == 4
+    selectors = set()
+    for name, spec in specs:
+        for g in gpu_groups(spec):
+            selector = g["template"]["spec"].get("nodeSelector")
+            assert selector and len(selector) == 1, (component, name)
+            selectors.add(tuple(selector.items()))
+        assert not spec["headGroupSpec"]["template"]["spec"].get("nodeSelector")  # the head stays on CPU nodes
+    assert len(selectors) == 1, selectors
+    for o in objects:
+        if o["kind"] in RAY_KINDS:
+            errors = list(jsonschema.Draft7Validator(crd_schema(o["kind"])).iter_errors(o))
+            assert not errors, errors[0].message
+
+
+# ---------------------------------------------------------------------------------------- pods fit their nodes
+# The GPU node types the launcher configs and the GPU components name (g5.2xlarge, g2-standard-8): 8 vCPU and
+# 32 GiB each. The kubelet reserves ~0.1 CPU and 1-3.6 GiB (EKS and GKE formulas for this size), the daemon sets
+# (CNI, kube-proxy, CSI node plugins, device plugin, logging, monitoring agents) take ~0.5-1 CPU and ~1 GiB: a
+# GPU pod may ask for at most the node less ~1 CPU and ~4 GiB.
+GPU_NODE = {"cpu": 8.0, "memory": 32 * 2**30}
+NODE_HEADROOM = {"cpu": 1.0, "memory": 4 * 2**30}
+
+
+def test_gpu_worker_pods_fit_their_nodes_with_room_for_the_kubelet_and_daemon_sets():
+    count = 0
+    for f, spec in cluster_specs():
+        for g in gpu_groups(spec):
+            (container,) = [c for c in g["template"]["spec"]["containers"] if c["name"].startswith("ray-")]
+            requests = container["resources"]["requests"]
+            for key in ("cpu", "memory"):
+                assert quantity(requests[key]) <= GPU_NODE[key] - NODE_HEADROOM[key], (f, key, requests[key])
+            assert int(requests["nvidia.com/gpu"]) == 1  # one-GPU node types
+            count += 1
+    assert count == 4
+    # and the jobs still fit in one pod's CPUs: --cpus-per-worker of the training job, a sweep trial's worker
+    (train,) = [argv for _, argv in entrypoint_commands() if argv[0] == "train"]
+    cpus = float(train[train.index("--cpus-per-worker") + 1])
+    (_, cluster), = [(f, s) for f, s in cluster_specs() if f == "raycluster.yaml"]
+    (group,) = gpu_groups(cluster)
+    assert cpus <= quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+
+
+def test_gpu_work_has_a_priority_class_below_the_systems():
+    (_, pc), = of_kind("PriorityClass")
+    assert pc["apiVersion"] == "scheduling.k8s.io/v1" and not pc.get("globalDefault")
+    assert 0 < pc["value"] < 1_000_000_000  # user classes stay below system-cluster-critical's 2e9
+    for f, spec in cluster_specs():
+        for g in gpu_groups(spec):
+            assert g["template"]["spec"]["priorityClassName"] == pc["metadata"]["name"], f
+
+
+# ------------------------------------------------------------------------------------ the service's availability
+def test_rayservice_is_highly_available():
+    """What KubeRay's production samples do for a RayService: GCS fault tolerance (Redis, in this kustomization),
+    at least two Serve replicas, on GPU workers kept on different nodes."""
+    (_, service), = of_kind("RayService")
+    spec = service["spec"]["rayClusterConfig"]
+    (_, cfg), = serve_configs()
+    (app,) = cfg["applications"]
+    assert app["args"]["min_replicas"] >= 2
+    (group,) = gpu_groups(spec)
+    assert group["minReplicas"] >= 2
+    pod = group["template"]["spec"]
+    labels = group["template"]["metadata"]["labels"]
+    by_key = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    hostname = by_key["kubernetes.io/hostname"]
+    assert hostname["whenUnsatisfiable"] == "DoNotSchedule" and hostname["maxSkew"] == 1
+    assert hostname["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert hostname["matchLabelKeys"] == ["ray.io/cluster"]  # this cluster's workers, not other clusters'
+    assert "topology.kubernetes.io/zone" in by_key
+    # GCS fault tolerance: the Redis of k8s/redis.yaml, with the password from the Secret it uses too
+    ft = spec["gcsFaultToleranceOptions"]
+    host, port = ft["redisAddress"].split(":")
+    (_, redis_svc), = [(f, o) for f, o in of_kind("Service") if o["metadata"]["name"] == host]
+    assert int(port) in [p["port"] for p in redis_svc["spec"]["ports"]]
+    (_, redis), = of_kind("Deployment")
+    assert redis_svc["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e]
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] in refs
+    assert "$(REDIS_PASSWORD)" in container["args"]  # Redis really requires it
+    assert "--appendonly" in container["args"]  # and keeps what the GCS wrote across its own restarts
+    (_, claim), = [(f, o) for f, o in of_kind("PersistentVolumeClaim") if o["metadata"]["name"] == "gan-ray-redis"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["storageClassName"] == "gan-ray-block"
+    # the documented one-time Secret names the same secret and key
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert f"create secret generic {ref['name']} --from-literal={ref['key']}=" in docs
+
+
+def test_redis_pod_meets_the_restricted_standard():
+    (_, redis), = of_kind("Deployment")
+    pod = redis["spec"]["template"]["spec"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert {"cpu", "memory"} <= set(c["resources"]["requests"]) & set(c["resources"]["limits"])
+        assert re.fullmatch(r"redis:\d+\.\d+\.\d+(-alpine)?", c["image"]), c["image"]  # pinned
+
+
+# --------------------------------------------------------------------------------------------------- storage
+STORAGE = K8S / "storage"
+RWX_PROVISIONERS = {"efs.csi.aws.com", "filestore.csi.storage.gke.io", "file.csi.azure.com", "nfs.csi.k8s.io"}
+
+
+def storage_files() -> list[Path]:
+    return sorted(p for p in STORAGE.glob("*.yaml") if p.name != "chown-shared.yaml")
+
+
+@pytest.mark.parametrize("path", storage_files(), ids=lambda p: p.name)
+def test_each_clouds_storage_file_defines_the_classes_the_manifests_name(path):
+    """One file per cloud, each defining exactly the storage classes the claims name: a ReadWriteMany one for
+    the shared volume that uid 1000 can write (EFS access point uid, SMB mount options, or the documented chown
+    job for NFS), and one for Redis's disk."""
+    import kubernetes_validate
+
+    classes = {o["metadata"]["name"]: o for o in yaml.safe_load_all(path.read_text()) if o}
+    claimed = {o["spec"]["storageClassName"] for _, o in of_kind("PersistentVolumeClaim")}
+    assert set(classes) == claimed == {"gan-ray-shared", "gan-ray-block"}
+    for sc in classes.values():
+        assert sc["kind"] == "StorageClass"
+        kubernetes_validate.validate(sc, "1.30", strict=True)
+    shared = classes["gan-ray-shared"]
+    assert shared["provisioner"] in RWX_PROVISIONERS
+    assert shared["reclaimPolicy"] == "Retain"  # runs and models outlive a deleted claim
+    header = path.read_text()
+    assert f"kubectl apply -f k8s/storage/{path.name}" in header
+    if shared["provisioner"] == "efs.csi.aws.com":
+        assert shared["parameters"]["provisioningMode"] == "efs-ap"
+        assert (shared["parameters"]["uid"], shared["parameters"]["gid"]) == ("1000", "100")
+    elif shared["provisioner"] == "file.csi.azure.com":
+        assert {"uid=1000", "gid=100"} <= set(shared["mountOptions"])
+    else:  # NFS: root-owned, fsGroup does not apply: the one-off chown job
+        assert "k8s/storage/chown-shared.yaml" in header
+
+
+def test_the_nfs_chown_job_hands_the_shared_volume_to_uid_1000():
+    import kubernetes_validate
+
+    (job,) = [o for o in yaml.safe_load_all((STORAGE / "chown-shared.yaml").read_text()) if o]
+    kubernetes_validate.validate(job, "1.30", strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "chown 1000:100 /mnt/shared" in " ".join(container["command"])
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    assert claims[container["volumeMounts"][0]["name"]] == "gan-ray-shared"
+    sc = container["securityContext"]
+    # root, but the Baseline standard's minimum: no privilege, no escalation, only the two capabilities it needs
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+    text = (STORAGE / "chown-shared.yaml").read_text()
+    assert "pod-security.kubernetes.io/enforce=baseline" in text and "enforce=restricted" in text  # and restored
+
+
+# ------------------------------------------------------------------------------------------------ monitoring
+# The part of the Prometheus Operator's PodMonitor (monitoring.coreos.com/v1) these manifests use, with unknown
+# fields rejected (the CRD is not shipped here; field names and types as in its API reference).
+_LABEL_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "matchExpressions": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["key", "operator"],
+        "properties": {"key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                       "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_RELABEL = {"type": "object", "additionalProperties": False, "properties": {
+    "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}},
+    "targetLabel": {"type": "string"}, "separator": {"type": "string"}, "regex": {"type": "string"},
+    "replacement": {"type": "string"}, "modulus": {"type": "integer"},
+    "action": {"enum": ["replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase",
+                        "uppercase", "keepequal", "dropequal"]}}}
+_DURATION = {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                                          "(([0-9]+)s)?(([0-9]+)ms)?)$"}
+PODMONITOR_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["selector", "podMetricsEndpoints"],
+                 "properties": {
+                     "jobLabel": {"type": "string"},
+                     "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                     "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                         "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                     "selector": _LABEL_SELECTOR,
+                     "sampleLimit": {"type": "integer", "minimum": 0},
+                     "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "additionalProperties": False, "required": ["port"],
+                         "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                        "scheme": {"enum": ["http", "https"]}, "interval": _DURATION,
+                                        "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"},
+                                        "relabelings": {"type": "array", "items": _RELABEL},
+                                        "metricRelabelings": {"type": "array", "items": _RELABEL}}}}}}}}
+
+
+def label_selector_matches(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values, "Exists": key in labels,
+                "DoesNotExist": key not in labels}[op] is False:
+            return False
+    return True
+
+
+def test_podmonitor_scrapes_every_ray_pod():
+    """Shape (the schema above, which rejects what the operator would ignore) and meaning: it selects the head
+    and GPU worker pods of every cluster spec in the namespace kustomize puts them in, and scrapes ports those
+    pods name; the selector matches nothing else (not Redis, not the job submitters)."""
+    validator = jsonschema.Draft7Validator(PODMONITOR_SCHEMA)
+    bad = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": "x"},
+           "spec": {"selector": {}, "podMetricsEndpoints": [{"port": "metrics", "intervall": "30s"}]}}
+    assert list(validator.iter_errors(bad))  # the schema has teeth
+    (pm,) = [o for o in yaml.safe_load_all((K8S / "monitoring" / "podmonitor.yaml").read_text()) if o]
+    errors = list(validator.iter_errors(pm))
+    assert not errors, errors[0].message
+    kz = yaml.safe_load((K8S / "monitoring" / "kustomization.yaml").read_text())
+    assert kz["namespace"] == "gan-ray" and pm["spec"]["namespaceSelector"]["matchNames"] == ["gan-ray"]
+    selector = pm["spec"]["selector"]
+    ports_seen: set[str] = set()
+    for f, spec in cluster_specs():
+        for g in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+            labels = g["template"]["metadata"]["labels"]
+            assert label_selector_matches(selector, labels), (f, labels)
+            names = {p["name"] for c in g["template"]["spec"]["containers"] for p in c.get("ports", [])}
+            assert "metrics" in names, (f, labels)  # Ray's metrics agent on every node
+            ports_seen |= names
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports_seen
+    for f, o in of_kind("RayJob"):
+        assert not label_selector_matches(selector, o["spec"]["submitterPodTemplate"]["metadata"]["labels"])
+    (_, redis), = of_kind("Deployment")
+    assert not label_selector_matches(selector, redis["spec"]["template"]["metadata"]["labels"])
+
+
+# ------------------------------------------------------------------------------------- the driver the GPUs need
+# The oldest NVIDIA driver branch each CUDA major release runs on (NVIDIA's CUDA toolkit release notes).
+MIN_DRIVER = {12: 525, 13: 580}
+
+
+def pinned_cuda_major() -> int:
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    return int(pins["nvidia-cuda-runtime"].split(".")[0])
+
+
+def test_the_driver_requirement_follows_the_pinned_cuda_and_is_stated():
+    """torch from PyPI brings its own CUDA runtime (nvidia-cuda-runtime in constraints.txt) but uses the node's
+    driver: the docs, the k8s manifests and the launcher configs state the driver that runtime needs, and the
+    launcher configs' images have it."""
+    import ray
+
+    # Ray's default AMIs per region (its AWS config module imports boto3, so read them from its source)
+    aws_module = Path(ray.__file__).parent / "autoscaler" / "_private" / "aws" / "config.py"
+    default_amis = set(re.findall(r'"(ami-[0-9a-f]+)"', aws_module.read_text()))
+    assert default_amis
+    need = MIN_DRIVER[pinned_cuda_major()]
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert f">= {need}" in docs
+    assert f">= {need}" in (K8S / "raycluster.yaml").read_text()
+    gcp = yaml.safe_load((CLUSTER / "gcp-gpu.yaml").read_text())
+    for name, node_type in gcp["available_node_types"].items():
+        for disk in node_type["node_config"]["disks"]:
+            image = disk["initializeParams"]["sourceImage"]
+            m = re.search(r"/family/.*-nvidia-(\d+)$", image)
+            assert m and int(m.group(1)) >= need, (name, image)
+    aws_text = (CLUSTER / "aws-gpu.yaml").read_text()
+    aws = yaml.safe_load(aws_text)
+    for name, node_type in aws["available_node_types"].items():
+        image_id = node_type["node_config"].get("ImageId")
+        # set on every node type: without it Ray picks its default, a CUDA 11 Deep Learning AMI
+        assert image_id and image_id not in default_amis and image_id.lower() != "latest_dlami", name
+        assert re.fullmatch(r"ami-[0-9a-fx]{8,17}", image_id), image_id
+    assert "aws ec2 describe-images" in aws_text and "Deep Learning Base OSS Nvidia Driver GPU AMI" in aws_text
+    assert f">= {need}" in aws_text and f">= {need}" in (CLUSTER / "gcp-gpu.yaml").read_text()
+
+
+def test_the_bucket_mounts_allow_the_directory_renames_export_makes():
+    """`export` swaps model directories by rename; gcsfuse refuses directory renames unless --rename-dir-limit
+    covers the directory's objects (a model directory holds model.json, the weights and samples.png)."""
+    gcp = yaml.safe_load((CLUSTER / "gcp-gpu.yaml").read_text())
+    mount = " ".join(c for c in gcp["initialization_commands"] if "gcsfuse" in c)
+    m = re.search(r"--rename-dir-limit[= ](\d+)", mount)
+    assert m and int(m.group(1)) >= 3, mount
+    aws = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    assert any("s3fs" in c for c in aws["initialization_commands"])  # s3fs renames directories (copy + delete)
+
+
+# ------------------------------------------------------------------------------------------- the operator
+def test_docs_install_the_operator_version_the_manifests_are_checked_against():
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert "helm repo add kuberay https://ray-project.github.io/kuberay-helm/" in docs
+    versions = re.findall(r"helm install kuberay-operator kuberay/kuberay-operator --version (\S+)", docs)
+    assert versions and set(versions) == {SHARED_CRDS.parent.name.lstrip("v")}  # the CRDs under test: v1.7.0
+
+
+def test_every_ray_pod_can_pull_from_a_private_registry():
+    """The image lives in the admin's registry (docs/deploy.md, step 3): every pod KubeRay creates names the pull
+    secret the docs create (absent, a public image still pulls). A ServiceAccount's imagePullSecrets would not do:
+    KubeRay gives an autoscaling cluster's head a ServiceAccount of its own."""
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    names = {tuple(s["name"] for s in pod.get("imagePullSecrets", [])) for _, _, pod in pod_templates()}
+    assert len(names) == 1, names
+    ((name,),) = names
+    assert f"create secret docker-registry {name}" in docs

@@ -150,6 +150,15 @@ def add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start one)")
 
 
+def add_cluster_wait(p: argparse.ArgumentParser) -> None:
+    from gan_ray.cluster import DEFAULT_WAIT_S, WAIT_ENV
+
+    p.add_argument("--cluster-wait-s", type=nonneg_float, default=None, metavar="SECONDS",
+                   help="on an autoscaling cluster, how long to wait for the nodes this job needs (a progress line "
+                        f"meanwhile; what can never fit is refused at once); default ${WAIT_ENV}, else "
+                        f"{DEFAULT_WAIT_S:g}. A fixed cluster refuses at once what it lacks")
+
+
 def add_ingress(p: argparse.ArgumentParser) -> None:
     from gan_ray.cluster import MODES
 

@@ -24,6 +24,10 @@ def add_command(sub) -> None:
     add_model_flags(p, ServeArgs, exclude=("model",), aliases=FLAG_ALIASES)
     add_address(p)
     add_ingress(p)
+    p.add_argument("--wait-for-model", action="store_true",
+                   help="serve even if --model does not (yet) hold a model: GET /healthz and every request answer "
+                        "503 with the reason until one appears there (e.g. a sweep's --export), then it is served. "
+                        "Without it a missing or corrupt model is refused at once")
     p.add_argument("--build", action="store_true", help="print the `serve deploy` config YAML and exit")
     p.add_argument("--out", default=None, help="with --build: write the YAML to this file instead of stdout")
     p.set_defaults(func=run)
@@ -47,8 +51,12 @@ def run(args: argparse.Namespace) -> int:
     from gan_ray.serve.deployment import start_serving, stop_serving
 
     try:
-        url = start_serving(sargs, host=args.host, port=args.port, address=args.address, ingress=args.ingress)
+        url = start_serving(sargs, host=args.host, port=args.port, address=args.address, ingress=args.ingress,
+                            wait_for_model=args.wait_for_model)
         print(f"serving {Path(args.model).resolve()} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+        if args.wait_for_model:
+            print(f"  until a model is there, GET {url}/healthz and every request answer 503 saying why",
+                  flush=True)
         print(f"  try: curl -s -X POST {url}/v1/generate -H 'Content-Type: application/json' "
               "-d '{\"n\": 16, \"seed\": 1}' -o grid.png", flush=True)
         while True:  # until Ctrl-C or SIGTERM (which the CLI turns into a Ctrl-C)
@@ -62,14 +70,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace, sargs: ServeArgs) -> int:
-    """--build: the `serve deploy` config for these settings, for a model that loads here."""
+    """--build: the `serve deploy` config for these settings, for a model that loads here (or, with
+    --wait-for-model, one that the replicas will wait for)."""
     import yaml
 
     from gan_ray.core.images import write_atomic
     from gan_ray.core.model_dir import load_generator
     from gan_ray.serve.deployment import deploy_config
 
-    load_generator(args.model)  # a missing or corrupt model fails here, not on the cluster
+    if not args.wait_for_model:
+        load_generator(args.model)  # a missing or corrupt model fails here, not on the cluster
     text = yaml.safe_dump(deploy_config(sargs, host=args.host, port=args.port), sort_keys=False)
     if args.out:
         write_atomic(Path(args.out), text.encode())

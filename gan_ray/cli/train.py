@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gan_ray.cli.flags import add_address, add_train_flags, resolve_train_config, stopped
+from gan_ray.cli.flags import add_address, add_cluster_wait, add_train_flags, resolve_train_config, stopped
 from gan_ray.core.config import TrainConfig
 
 
@@ -13,6 +13,7 @@ def add_command(sub) -> None:
     p = sub.add_parser("train", help="train (or resume) a GAN data-parallel on Ray Train")
     p.add_argument("--config", help="YAML file of flag: value (command-line flags override it)")
     add_address(p)
+    add_cluster_wait(p)
     add_train_flags(p)
     p.set_defaults(func=run)
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve_train_config(args)
     try:
-        result = fit(cfg, address=args.address)
+        result = fit(cfg, address=args.address, cluster_wait_s=args.cluster_wait_s)
         # Ray Train takes a Ctrl-C (and the CLI's SIGTERM, which is one) itself: it aborts the run gracefully and
         # fit() returns, with fewer epochs than asked and no error.
         interrupted = (result is not None and not getattr(result, "error", None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gan_ray.cli.flags import (add_address, add_model_flags, add_train_flags, given_model_values, given_train_values,
-                               stopped)
+from gan_ray.cli.flags import (add_address, add_cluster_wait, add_model_flags, add_train_flags, given_model_values,
+                               given_train_values, stopped)
 from gan_ray.core.config import load_yaml
 from gan_ray.core.errors import UserError
 from gan_ray.tune.space import SweepSettings
@@ -26,6 +26,7 @@ def add_command(subparsers) -> None:
                                                 "| {uniform: [lo, hi]} | {choice: [...]} (flags override it)")
     p.add_argument("--export", default=None, metavar="DIR", help="export the best generator to DIR")
     add_address(p)
+    add_cluster_wait(p)
     add_train_flags(p, exclude=SWEEP_OWNED, as_strings=True)
     p.set_defaults(func=run)
 
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     space = space_from_args(args)
-    result = run_sweep(space, settings, export=args.export, address=args.address)
+    result = run_sweep(space, settings, export=args.export, address=args.address,
+                       cluster_wait_s=args.cluster_wait_s)
     print(f"[tune] sweep {result.path}")
     print(f"  results (one row per trial): {result.results_csv}")
     if result.plot:

@@ -5,6 +5,12 @@ front and a model deployment. Requests from many callers are merged by `@serve.b
 forward (`gan_ray.serve.render`), encoded in that same batched call, so the replica's event loop only parses
 requests and writes responses.
 
+The app starts without its model: a replica whose model directory is missing or malformed (a RayService deployed
+before the sweep that exports its model has finished) does not fail (Serve would mark the app DEPLOY_FAILED after
+a few constructor retries and never try again, and KubeRay resubmits only when serveConfigV2 changes); it polls
+the directory and answers 503 with the reason until a model loads, then serves. `gan-ray serve` still refuses a
+missing model up front, unless told to wait (--wait-for-model).
+
 Ray's own tools use the module-level builder (keep the import path and arguments stable: the KubeRay RayService
 reuses them):
 
@@ -12,17 +18,21 @@ reuses them):
     serve deploy gan_ray/serve/serve_config.yaml     # or the file `gan-ray serve --build` writes
 """
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import HTTPException
 from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
 from gan_ray.cluster import ensure_ray
 from gan_ray.cluster import shutdown as shutdown_cluster
-from gan_ray.core.model_dir import load_generator
+from gan_ray.core.errors import UserError, one_line
+from gan_ray.core.model_dir import MODEL_JSON, WEIGHTS, load_generator
+from gan_ray.serve.client import NOT_LOADED
 from gan_ray.serve.http import GENERATE_ROUTE, job_or_4xx, new_api, page, response
 from gan_ray.serve.render import Job, Rendered, Renderer
 from gan_ray.serve.schema import API_VERSION, APP_NAME, GenerateRequest, ServeArgs
@@ -39,6 +49,23 @@ def deterministic_cudnn() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def model_signature(model_dir: str) -> tuple:
+    """What changes when a model appears or is replaced (the directory swapped in by `export`, files written or
+    grown): a replica that waits retries a load only then, not every poll."""
+    out = []
+    for path in (Path(model_dir), Path(model_dir) / MODEL_JSON, Path(model_dir) / WEIGHTS):
+        try:
+            st = path.stat()
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+MODEL_POLL_S = 2.0  # how often a replica without its model looks again (a stat of three paths)
+NOT_READY = {503: {"description": "the model is not loaded (yet): `detail` says why (not found at PATH, "
+                                  "malformed); the replica keeps looking and serves once it loads"}}
+
 api = new_api()
 
 
@@ -54,13 +81,54 @@ class GeneratorServer:
             torch.set_num_threads(torch_threads)
         else:
             deterministic_cudnn()
-        t0 = time.perf_counter()
-        self.renderer = Renderer.load(model_dir, device)
+        self.model_dir, self.device = model_dir, device
+        self.renderer: Renderer | None = None
+        self.not_ready = f"loading {model_dir}"
         self.render_batch.set_max_batch_size(max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("gan-ray: loaded %s on %s in %.2fs; one forward per batch: %s", model_dir, device,
-                 time.perf_counter() - t0, "yes" if self.renderer.merge_forwards else
+        before = model_signature(model_dir)  # taken before the attempt: a model landing during it is noticed
+        if not self._load():  # no model (yet): serve 503s with the reason, and keep looking
+            threading.Thread(target=self._wait_for_model, args=(before,), name="gan-ray-model-wait",
+                             daemon=True).start()
+
+    def _load(self) -> bool:
+        """Load the model if the directory holds one; otherwise record why not. A missing or malformed model is
+        the deployer's to fix (UserError); anything else is a bug and keeps its traceback in the replica log."""
+        t0 = time.perf_counter()
+        try:
+            renderer = Renderer.load(self.model_dir, self.device)
+        except UserError as exc:
+            if str(exc) != self.not_ready:
+                log.warning("gan-ray: not serving yet: %s (looking again every %gs)", exc, MODEL_POLL_S)
+            self.not_ready = str(exc)
+            return False
+        self.renderer = renderer
+        log.info("gan-ray: loaded %s on %s in %.2fs; one forward per batch: %s", self.model_dir, self.device,
+                 time.perf_counter() - t0, "yes" if renderer.merge_forwards else
                  "no (a merged forward is not bit-identical on this device; one forward per request)")
+        return True
+
+    def _wait_for_model(self, seen: tuple) -> None:
+        """Poll until a model loads, trying again whenever the directory or its files change."""
+        while True:
+            time.sleep(MODEL_POLL_S)
+            now = model_signature(self.model_dir)
+            if now == seen:
+                continue
+            seen = now
+            try:
+                if self._load():
+                    return
+            except Exception as exc:  # never let the waiting thread die: the replica would never serve
+                log.exception("gan-ray: loading %s failed", self.model_dir)
+                self.not_ready = f"cannot load {self.model_dir}: {one_line(exc, 300)}"
+
+    def ready(self) -> Renderer:
+        """The loaded model, or a 503 whose `detail` says why there is none (Retry-After: the poll interval)."""
+        if self.renderer is None:
+            raise HTTPException(status_code=503, detail=f"{NOT_LOADED}: {self.not_ready}",
+                                headers={"Retry-After": f"{MODEL_POLL_S:g}"})
+        return self.renderer
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def render_batch(self, jobs: list[Job]) -> list[Rendered]:
@@ -69,16 +137,18 @@ class GeneratorServer:
         # that arrive meanwhile simply form the next batch.
         return self.renderer.render(jobs)
 
-    @api.post(f"/{API_VERSION}/generate", **GENERATE_ROUTE)
+    @api.post(f"/{API_VERSION}/generate", **{**GENERATE_ROUTE, "responses": {**GENERATE_ROUTE["responses"],
+                                                                                **NOT_READY}})
     async def generate(self, req: GenerateRequest) -> Response:
-        return response(await self.render_batch(job_or_4xx(self.renderer, req)))
+        return response(await self.render_batch(job_or_4xx(self.ready(), req)))
 
-    @api.get(f"/{API_VERSION}/model", summary="the model.json of the model being served")
+    @api.get(f"/{API_VERSION}/model", summary="the model.json of the model being served", responses=NOT_READY)
     async def model(self) -> dict[str, Any]:
-        return self.renderer.model_info()
+        return self.ready().model_info()
 
-    @api.get("/healthz", summary="liveness")
+    @api.get("/healthz", summary="readiness: 200 once the model is loaded", responses=NOT_READY)
     async def healthz(self) -> dict[str, str]:
+        self.ready()
         return {"status": "ok"}
 
     @api.get("/", include_in_schema=False)
@@ -90,17 +160,23 @@ class GeneratorServer:
 def check_model(model_dir: str | Path) -> Path:
     """Fail before anything is served: the directory must load (format, weights) where the app is built. Returns
     its absolute path (what the replicas are given)."""
-    path = Path(model_dir).expanduser().resolve()
+    path = model_path(model_dir)
     load_generator(path)
     return path
 
 
+def model_path(model_dir: str | Path) -> Path:
+    """The absolute path the replicas are given; the model need not exist yet (they wait for it)."""
+    return Path(model_dir).expanduser().resolve()
+
+
 def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
-    """Serve's application builder (`serve run gan_ray.serve:app model=DIR`): validates the arguments, checks the
-    model, then binds the deployment."""
+    """Serve's application builder (`serve run gan_ray.serve:app model=DIR`): validates the arguments, then binds
+    the deployment. The model is not required here: each replica waits for it (503s until it loads), so an app
+    deployed before its model exists becomes ready when it appears instead of failing for good."""
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
-    return bind(args, check_model(args.model))
+    return bind(args, model_path(args.model))
 
 
 def bind(args: ServeArgs, model_dir: Path) -> serve.Application:
@@ -146,16 +222,17 @@ def http_url(host: str | None = None) -> str:
 
 def start_serving(model: ServeArgs | str | Path, *, host: str = "127.0.0.1", port: int = 8000,
                   address: str | None = None, name: str = APP_NAME, route_prefix: str = "/", wait_s: float = 120.0,
-                  ingress: str | None = None, **options: Any) -> str:
+                  ingress: str | None = None, wait_for_model: bool = False, **options: Any) -> str:
     """Deploy the app (starting or joining Ray and Serve) and return its base URL once /healthz answers.
 
     `model`: the settings (ServeArgs), or a model directory with ServeArgs fields as `options` (min_replicas=...,
     target_ongoing=...). `ingress` (haproxy | proxy, see gan_ray.cluster) applies when this call starts the Ray
-    cluster. Model errors raise UserError before Ray is touched."""
+    cluster. Model errors raise UserError before Ray is touched, unless `wait_for_model`: then the app is up (and
+    returned) while /healthz still answers 503 with the reason, and serves once the model appears."""
     import ray
 
     args = model if isinstance(model, ServeArgs) else ServeArgs(model=str(model), **options)
-    model_dir = check_model(args.model)
+    model_dir = model_path(args.model) if wait_for_model else check_model(args.model)
     started_ray = not ray.is_initialized()
     ensure_ray(address, ingress=ingress)
     serve.start(http_options={"host": host, "port": port})
@@ -163,7 +240,7 @@ def start_serving(model: ServeArgs | str | Path, *, host: str = "127.0.0.1", por
     url = http_url() + route_prefix.rstrip("/")
     from gan_ray.serve.client import wait_ready
 
-    wait_ready(url, timeout_s=wait_s)
+    wait_ready(url, timeout_s=wait_s, ready=(200, 503) if wait_for_model else (200,))
     _state.update(name=name, started_ray=_state.get("started_ray", False) or started_ray)
     return url
 

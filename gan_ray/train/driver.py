@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from gan_ray.cluster import ensure_ray
+from gan_ray.cluster import ensure_ray, wait_for_resources, wait_seconds
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import describe_dataset
 from gan_ray.core.errors import UserError
@@ -21,19 +21,29 @@ from gan_ray.core.run_dir import (METRICS_FILE, check_compatible, finished_epoch
 from gan_ray.train.worker import EpochHook, train_loop_per_worker
 
 
-def check_resources(cfg: TrainConfig) -> None:
-    """Fail fast (instead of hanging on a placement group) when the cluster can never hold the workers."""
+def check_resources(cfg: TrainConfig, *, wait_s: float | None = None) -> None:
+    """Start only what can run: on a fixed cluster, refuse at once (instead of hanging on a placement group) what
+    its nodes cannot hold; on an autoscaling one, refuse what it can never hold and wait (`wait_s`, default
+    $GAN_RAY_CLUSTER_WAIT_S or 600 s) for the nodes the autoscaler adds for the rest."""
     import ray
 
-    total = ray.cluster_resources()
-    need_cpu = cfg.workers * cfg.cpus_per_worker
-    if need_cpu > total.get("CPU", 0):
-        raise UserError(f"--workers {cfg.workers} x {cfg.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but the "
-                        f"cluster has {total.get('CPU', 0):g}")
-    need_gpu = cfg.workers * cfg.gpus_per_worker
-    if need_gpu > total.get("GPU", 0):
-        raise UserError(f"--workers {cfg.workers} x --gpus-per-worker {cfg.gpus_per_worker:g} needs {need_gpu:g} "
-                        f"GPUs but the cluster has {total.get('GPU', 0):g}")
+    bundle = {"CPU": float(cfg.cpus_per_worker)}
+    if cfg.gpus_per_worker:
+        bundle["GPU"] = float(cfg.gpus_per_worker)
+
+    def refuse() -> None:  # a cluster that cannot grow: what it lacks now is what it will always lack
+        total = ray.cluster_resources()
+        need_cpu = cfg.workers * cfg.cpus_per_worker
+        if need_cpu > total.get("CPU", 0):
+            raise UserError(f"--workers {cfg.workers} x {cfg.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but "
+                            f"the cluster has {total.get('CPU', 0):g}")
+        need_gpu = cfg.workers * cfg.gpus_per_worker
+        if need_gpu > total.get("GPU", 0):
+            raise UserError(f"--workers {cfg.workers} x --gpus-per-worker {cfg.gpus_per_worker:g} needs "
+                            f"{need_gpu:g} GPUs but the cluster has {total.get('GPU', 0):g}")
+
+    wait_for_resources([bundle] * cfg.workers, f"--workers {cfg.workers}", timeout_s=wait_seconds(wait_s),
+                       refuse=refuse)
 
 
 class ProgressPrinter(threading.Thread):
@@ -129,19 +139,22 @@ def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callb
     )
 
 
-def fit(cfg: TrainConfig, *, address: str | None = None, quality: bool = True, progress: bool = True):
+def fit(cfg: TrainConfig, *, address: str | None = None, quality: bool = True, progress: bool = True,
+        cluster_wait_s: float | None = None):
     """Train (or resume) a run; returns Ray's Result, or None when the run had already reached `cfg.epochs`.
 
     `quality`: score the EMA generator at every checkpoint (fd and the rest, `gan_ray.eval.hook`), which also lets
-    Train keep the best checkpoints by fd; off, checkpoints are kept by recency."""
+    Train keep the best checkpoints by fd; off, checkpoints are kept by recency. `cluster_wait_s`: how long an
+    autoscaling cluster may take to add the workers' nodes (`check_resources`)."""
     describe_dataset(cfg)  # bad dataset / --conditional on unlabelled data: fail before anything else
+    wait_s = wait_seconds(cluster_wait_s)  # a bad $GAN_RAY_CLUSTER_WAIT_S too
     check_compatible(cfg)  # also when there is nothing left to train: a mismatch is still the user's mistake
     done = finished_epochs(cfg.run_dir)
     if done >= cfg.epochs:
         print(f"run {cfg.run_dir} already has {done} of {cfg.epochs} epochs; nothing to do")
         return None
     ensure_ray(address)
-    check_resources(cfg)  # before the hooks: a run that cannot start should not first train an extractor
+    check_resources(cfg, wait_s=wait_s)  # before the hooks: a run that cannot start should not first train an extractor
     hooks: list[EpochHook] = []
     if quality:
         from gan_ray.eval.hook import hooks_for

@@ -3,7 +3,9 @@
 The objective is `fd` (lower is better), evaluated on rank 0 every epoch by `gan_ray.eval.hook`. Resources: a
 trial is its driver (`DRIVER_CPU`, mostly idle), the Train controller (0 CPU) and its workers (their own placement
 group, made by Train). Tune only reserves the driver, so concurrency is capped explicitly at what the cluster can
-hold; otherwise Tune starts drivers whose workers can never be placed and the sweep hangs.
+hold; otherwise Tune starts drivers whose workers can never be placed and the sweep hangs. On an autoscaling
+cluster that is what it can grow to (the autoscaler's verdict, `plan_concurrency`), and the sweep starts once the
+nodes for its first trial are there.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gan_ray.cluster import ensure_ray
+from gan_ray.cluster import (Autoscaler, Bundle, describe, ensure_ray, fits_now, never_fits, wait_for_resources,
+                             wait_seconds)
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import describe_dataset
 from gan_ray.core.env import scoped_env
@@ -55,6 +58,14 @@ def trial_need(settings: SweepSettings) -> dict[str, float]:
     return need
 
 
+def trial_bundles(settings: SweepSettings) -> list[Bundle]:
+    """One trial's placement groups as bundles: its driver (Tune's) and its workers (Train's)."""
+    worker = {"CPU": float(settings.worker_cpus)}
+    if settings.gpus_per_worker:
+        worker["GPU"] = float(settings.gpus_per_worker)
+    return [{"CPU": DRIVER_CPU}] + [worker] * settings.workers_per_trial
+
+
 def capacity(total: dict[str, float], need: dict[str, float]) -> int:
     """How many trials fit at once in `total` (Ray counts resources in units of 1e-4)."""
     fits = [math.floor(total.get(k, 0.0) / v + 1e-6) for k, v in need.items() if v > 0]
@@ -74,6 +85,44 @@ def resolve_concurrency(settings: SweepSettings, total: dict[str, float]) -> int
         raise UserError(f"--max-concurrent {settings.max_concurrent} needs {settings.max_concurrent} x ({described}) "
                         f"but the cluster ({have}) holds only {fit} trial(s) at once")
     return min(settings.max_concurrent or fit, settings.trials)
+
+
+def plan_concurrency(settings: SweepSettings, *, wait_s: float | None = None) -> int:
+    """Trials at once, and a cluster ready for the first: `resolve_concurrency` on a fixed cluster; on an
+    autoscaling one, as many as it can grow to hold (each a verdict of its autoscaler: --max-concurrent, else the
+    largest count up to --trials), refused at once if not even one trial ever fits, then waiting (`wait_s`) for
+    the nodes of one trial while the autoscaler launches those of all of them."""
+    import ray
+
+    trial = trial_bundles(settings)
+    want = min(settings.max_concurrent or settings.trials, settings.trials)
+    if fits_now(trial * want):
+        return want
+    scaler = Autoscaler.of_this_cluster()
+    if scaler is None:
+        return resolve_concurrency(settings, ray.cluster_resources())
+    described = describe(trial)
+    what = f"one trial (--workers-per-trial {settings.workers_per_trial})"
+    with scaler.requesting():
+        # Each yes launches nodes for what was asked (used by the sweep), so the search only asks for more
+        # trials after a smaller count was accepted, and a refused --max-concurrent asks nothing else.
+        if scaler.can_hold(trial * want):
+            concurrency = want
+        elif settings.max_concurrent is not None:
+            raise UserError(f"--max-concurrent {settings.max_concurrent} needs {settings.max_concurrent} x "
+                            f"({described}) but the cluster, at the most its autoscaler can grow it to, cannot hold "
+                            "that many trials at once")
+        elif not scaler.can_hold(trial):
+            raise UserError(never_fits(trial, what))
+        else:
+            low, high = 1, want  # low fits, high does not
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if scaler.can_hold(trial * mid) else (low, mid)
+            concurrency = low
+        wait_for_resources(trial, what, timeout_s=wait_seconds(wait_s), refuse=lambda: None,
+                           hold=trial * concurrency, scaler=scaler, checked=True)
+    return concurrency
 
 
 def _fingerprint(space: SearchSpace, settings: SweepSettings) -> dict[str, Any]:
@@ -123,16 +172,16 @@ def prepare(space: SearchSpace, settings: SweepSettings) -> tuple[dict[str, Any]
 
 
 def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path | None = None,
-              address: str | None = None) -> SweepResult:
-    """Run (or resume) a sweep; write results.csv and sweep.png; optionally export the best generator."""
+              address: str | None = None, cluster_wait_s: float | None = None) -> SweepResult:
+    """Run (or resume) a sweep; write results.csv and sweep.png; optionally export the best generator.
+    `cluster_wait_s`: how long an autoscaling cluster may take to add the first trial's nodes."""
     base, base_cfg = prepare(space, settings)
+    wait_s = wait_seconds(cluster_wait_s)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # sweep state saved often: a killed driver loses little
     from ray import tune
 
     ensure_ray(address)
-    import ray
-
-    concurrency = resolve_concurrency(settings, ray.cluster_resources())
+    concurrency = plan_concurrency(settings, wait_s=wait_s)
     fd_hooks(base_cfg)  # the dataset's extractor trained (and cached) once, before any trial starts
     dims = list(space.dims)
     exp = settings.path
