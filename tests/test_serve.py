@@ -130,8 +130,9 @@ def png_array(content: bytes) -> np.ndarray:
 def test_healthz_model_and_docs(served):
     assert requests.get(served.cond + "/healthz", timeout=10).json() == {"status": "ok"}
     info = requests.get(served.cond + "/v1/model", timeout=10).json()
+    serving = info.pop("serving")  # this replica's batching so far
     assert info == json.loads((served.models["conditional"] / "model.json").read_text())
-    assert info["num_classes"] == 10
+    assert info["num_classes"] == 10 and {"batches", "requests", "mean_batch", "replica"} <= set(serving)
     docs = requests.get(served.cond + "/docs", timeout=10)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     spec = requests.get(served.cond + "/openapi.json", timeout=10).json()
@@ -213,6 +214,31 @@ def test_same_seed_same_bytes_however_requests_are_batched(served):
     # the seed a server picked reproduces its response
     again = post(served.cond, {"n": 2, "format": "npz", "seed": int(unseeded[0].headers["x-seed"])})
     assert again.content == unseeded[0].content
+
+
+def test_requests_under_load_are_really_batched(ray_cluster, serve_models):
+    """At concurrency 16 against one replica, `@serve.batch` merges requests: the replica's own count (GET
+    /v1/model, `serving`) shows more than one request per batch on average, never more than max_batch_size, and
+    every request accounted for. (Identical responses under load would also hold with batches of one.)"""
+    from ray import serve
+
+    from gan_ray.bench.serving import load_test
+
+    url = deploy("t-batch", serve_models["conditional"], min_replicas=1, max_replicas=1, cpus_per_replica=0.5,
+                 max_batch_size=8)
+    try:
+        before = requests.get(url + "/v1/model", timeout=10).json()["serving"]
+        stats = load_test(url + "/v1/generate", {"n": 4, "seed": 1, "format": "npz"}, concurrency=16,
+                          duration_s=3.0, warmup_s=0.5)
+        after = requests.get(url + "/v1/model", timeout=10).json()["serving"]
+        assert stats["errors"] == 0 and stats["requests"] > 16
+        batched = after["requests"] - before["requests"]
+        batches = after["batches"] - before["batches"]
+        print(f"{batched} requests in {batches} batches: mean {batched / batches:.2f}, largest {after['largest_batch']}")
+        assert batched >= stats["requests"]  # the timed ones, plus warm-up and the tail
+        assert batched / batches > 1.0 and 1 < after["largest_batch"] <= 8
+    finally:
+        serve.delete("t-batch")
 
 
 def test_label_accuracy_over_http_equals_the_models_own(served):

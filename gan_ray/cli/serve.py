@@ -20,7 +20,7 @@ def add_command(sub) -> None:
                                    "deploy` config for the same settings instead.")
     p.add_argument("--model", required=True, help="exported model directory (gan-ray export)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
-    p.add_argument("--port", type=port, default=8000)
+    p.add_argument("--port", type=port, default=8000, help="HTTP port")
     add_model_flags(p, ServeArgs, exclude=("model",), aliases=FLAG_ALIASES)
     add_address(p)
     add_ingress(p)

@@ -62,6 +62,29 @@ def model_signature(model_dir: str) -> tuple:
     return tuple(out)
 
 
+class BatchStats:
+    """How many requests each `@serve.batch` call of this replica merged: counted per replica, reported in
+    GET /v1/model, and exported as the Serve metric `gan_ray_batch_size` (Prometheus, via Ray's metrics agent)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Histogram
+
+        self.batches = self.requests = self.largest = 0
+        self.histogram = Histogram("gan_ray_batch_size", description="requests merged into one generator forward",
+                                   boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+
+    def add(self, size: int) -> None:
+        self.batches += 1
+        self.requests += size
+        self.largest = max(self.largest, size)
+        self.histogram.observe(size)
+
+    def summary(self) -> dict[str, Any]:
+        return {"replica": serve.get_replica_context().replica_tag,
+                "batches": self.batches, "requests": self.requests, "largest_batch": self.largest,
+                "mean_batch": round(self.requests / self.batches, 3) if self.batches else None}
+
+
 MODEL_POLL_S = 2.0  # how often a replica without its model looks again (a stat of three paths)
 NOT_READY = {503: {"description": "the model is not loaded (yet): `detail` says why (not found at PATH, "
                                   "malformed); the replica keeps looking and serves once it loads"}}
@@ -86,6 +109,7 @@ class GeneratorServer:
         self.not_ready = f"loading {model_dir}"
         self.render_batch.set_max_batch_size(max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batching = BatchStats()
         before = model_signature(model_dir)  # taken before the attempt: a model landing during it is noticed
         if not self._load():  # no model (yet): serve 503s with the reason, and keep looking
             threading.Thread(target=self._wait_for_model, args=(before,), name="gan-ray-model-wait",
@@ -135,6 +159,7 @@ class GeneratorServer:
         # Inline on the replica's user-code loop (Serve runs it on its own thread). Measured on 2 cores: a
         # worker-thread hop (asyncio.to_thread) cost 15-25% more CPU per request than it overlapped; requests
         # that arrive meanwhile simply form the next batch.
+        self.batching.add(len(jobs))
         return self.renderer.render(jobs)
 
     @api.post(f"/{API_VERSION}/generate", **{**GENERATE_ROUTE, "responses": {**GENERATE_ROUTE["responses"],
@@ -144,7 +169,8 @@ class GeneratorServer:
 
     @api.get(f"/{API_VERSION}/model", summary="the model.json of the model being served", responses=NOT_READY)
     async def model(self) -> dict[str, Any]:
-        return self.ready().model_info()
+        """model.json, plus `serving`: what this replica has batched so far (batching is a promise: it is shown)."""
+        return {**self.ready().model_info(), "serving": self.batching.summary()}
 
     @api.get("/healthz", summary="readiness: 200 once the model is loaded", responses=NOT_READY)
     async def healthz(self) -> dict[str, str]:
