@@ -173,6 +173,11 @@ def test_cli_sample_writes_npz_and_png_deterministically(tmp_path, trained_check
     r = run_cli("sample", "--model", str(tmp_path / "exported"), "--n", "6", "--labels", "3,3,7,7,1,1",
                 "--seed", "5", "--out", str(tmp_path / "c.npz"))
     assert r.returncode == 0 and np.array_equal(np.load(tmp_path / "c.npz")["images"], a["images"])
+    # one label for all, as the README's "sixteen 7s" example writes it
+    r = run_cli("sample", "--model", str(tmp_path / "exported"), "--n", "16", "--labels", "7", "--seed", "1",
+                "--out", str(tmp_path / "sevens.npz"))
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "sevens.npz")["labels"].tolist() == [7] * 16
 
 
 def assert_one_line_error(r, *fragments: str) -> None:
