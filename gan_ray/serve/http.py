@@ -147,8 +147,13 @@ def new_api() -> FastAPI:
     return fastapi_app
 
 
-def plain_app(model_dir: str | Path, device: str = "cpu") -> FastAPI:
-    """The same API in one plain process (no Ray, no batching): the benchmark's baseline."""
+def plain_app(model_dir: str | Path, device: str = "cpu", torch_threads: int | None = None) -> FastAPI:
+    """The same API in one plain process (no Ray, no batching): the benchmark's baseline. `torch_threads`: the
+    forward's intra-op threads, as a Serve replica's (`ServeArgs.torch_threads`), so both compute alike."""
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
     renderer = Renderer.load(model_dir, device, merge_forwards=False)
     plain = new_api()
 
