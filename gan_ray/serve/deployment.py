@@ -272,8 +272,8 @@ def start_serving(model: ServeArgs | str | Path, *, host: str = "127.0.0.1", por
 
 
 def stop_serving(name: str | None = None, *, shutdown_serve: bool = True) -> None:
-    """Delete the app; shut Serve down, or, if start_serving started the Ray cluster, the whole cluster (every
-    process of it: nothing left behind, the ports free)."""
+    """Delete the app; if start_serving started the Ray cluster (and `shutdown_serve`), end the whole cluster
+    (every process of it: nothing left behind, the ports free)."""
     import ray
 
     if not ray.is_initialized():
@@ -281,8 +281,8 @@ def stop_serving(name: str | None = None, *, shutdown_serve: bool = True) -> Non
     ours = shutdown_serve and _state.pop("started_ray", False)
     try:
         serve.delete(name or _state.get("name", APP_NAME))
-        if shutdown_serve and not ours:  # (a cluster we end anyway needs no separate Serve shutdown)
-            serve.shutdown()
+        # Serve itself is shut down only with the cluster start_serving started: on a joined cluster it may serve
+        # other applications than ours.
     finally:
         if ours:
             shutdown_cluster()
