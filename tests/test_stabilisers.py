@@ -236,9 +236,10 @@ def test_the_seed_architecture_is_the_articles():
     assert [(m.in_features, m.out_features) for m in g_layers if isinstance(m, nn.Linear)] == \
         [(100, 256), (256, 512), (512, 1024), (1024, 784)]
     assert [type(m) for m in g_layers if not isinstance(m, nn.Linear)] == [nn.ReLU, nn.ReLU, nn.ReLU, nn.Sigmoid]
-    assert [(m.in_features, m.out_features) for m in D.net if isinstance(m, nn.Linear)] == \
+    d_layers = [*D.features, D.head]
+    assert [(m.in_features, m.out_features) for m in d_layers if isinstance(m, nn.Linear)] == \
         [(784, 512), (512, 256), (256, 1)]
-    assert [type(m) for m in D.net if not isinstance(m, nn.Linear)] == [nn.ReLU, nn.ReLU]
+    assert [type(m) for m in d_layers if not isinstance(m, nn.Linear)] == [nn.ReLU, nn.ReLU]
     assert any(isinstance(m, nn.LeakyReLU) for m in build(ModelSpec("mlp", 100, SHAPE))[0].net)  # mlp stays
 
 
@@ -263,6 +264,45 @@ def test_the_cuda_graph_is_refused_with_a_stabiliser():
     assert not resolve_for(cfg, "cpu", 1).cuda_graph
 
 
+# ------------------------------------------------------------------------------------------ AC-GAN head
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_aux_head_adds_its_cross_entropy_to_both_losses(arch):
+    """D's loss adds w * CE(aux(real), y) (reals only); G's adds w * CE(aux(G(z, y')), y'): checked by replaying
+    the step's random draws and recomputing both losses by hand."""
+    cfg = TrainConfig(arch=arch, conditional=True, aux_weight=0.5, g_width=8 if arch == "dcgan" else 0,
+                      d_width=8 if arch == "dcgan" else 0)
+    spec = spec_for(cfg, SHAPE, 10)
+    assert spec.aux_classifier and ModelSpec.from_dict(spec.to_dict()) == spec
+    s = build_state(cfg, spec, "cpu")
+    real, y = _real(), torch.arange(8) % 10
+    D = s.D
+    torch.manual_seed(5)
+    z, fy = torch.randn(8, 100), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        fake = s.G(z, fy)
+        logits, cls = D(torch.cat([real, fake]), torch.cat([y, fy]), with_aux=True)
+        want_d = losses.get("bce").d(logits[:8], logits[8:]) + 0.5 * nn.functional.cross_entropy(cls[:8], y)
+    torch.manual_seed(5)
+    out = d_update(s, real, y)
+    assert torch.allclose(out["loss_d"] + 0.5 * out["aux_d"], want_d, atol=1e-5)
+    torch.manual_seed(7)
+    z, fy = torch.randn(8, 100), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        logits, cls = D(s.G(z, fy), fy, with_aux=True)
+        want_g = losses.get("bce").g(logits, None) + 0.5 * nn.functional.cross_entropy(cls, fy)
+    torch.manual_seed(7)
+    assert torch.allclose(g_update(s, real, y), want_g, atol=1e-5)
+
+
+def test_aux_weight_needs_a_conditional_model_and_is_off_by_default():
+    with pytest.raises(UserError, match="--aux-weight .* --conditional"):
+        TrainConfig(aux_weight=0.2)
+    with pytest.raises(UserError, match="--aux-weight must not be negative"):
+        TrainConfig(aux_weight=-1, conditional=True)
+    assert not spec_for(TrainConfig(conditional=True), SHAPE, 10).aux_classifier
+    assert build(spec_for(TrainConfig(conditional=True), SHAPE, 10))[1].aux is None
+
+
 # ------------------------------------------------------------------------------------ DDP on 2 gloo ranks
 def _free_port() -> int:
     with socket.socket() as s:
@@ -279,7 +319,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, reg: bool) -> No
     torch.set_num_threads(1)
     cfg = TrainConfig(arch="dcgan", conditional=True, g_width=8, d_width=8, r1_gamma=10.0 if reg else 0.0,
                       r1_every=2, spectral_norm=reg, augment="translation,cutout" if reg else "none",
-                      loss="rpgan" if reg else "bce")
+                      loss="rpgan" if reg else "bce", aux_weight=0.2 if reg else 0.0)
     calls = []
 
     def counting_hook(state, bucket):  # DDP's default all-reduce, counted

@@ -52,6 +52,8 @@ class TrainConfig(BaseModel):
     g_width: int = _opt(0, "dcgan: G's base channels, doubled per resolution step (0 = 64)")
     d_width: int = _opt(0, "dcgan: D's base channels, doubled per resolution step (0 = 64)")
     spectral_norm: bool = _opt(False, "spectral normalisation on every layer of D")
+    aux_weight: float = _opt(0.0, "conditional: weight of an auxiliary class head on D (AC-GAN): D learns to "
+                             "classify reals, G to make its images read as the asked class (0 = off)")
     ema: bool = _opt(True, "keep an exponential moving average of G for sampling/export")
     ema_halflife_kimg: float = _opt(5.0, "EMA half-life in thousands of images seen")
     # optimisation
@@ -143,12 +145,14 @@ class TrainConfig(BaseModel):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag_name(name)} must be a positive integer, got {getattr(self, name)}")
         for name in ("max_failures", "sample_every", "eval_every", "gpus_per_worker", "r1_gamma", "r2_gamma",
-                     "g_width", "d_width"):
+                     "g_width", "d_width", "aux_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must not be negative, got {getattr(self, name)}")
         betas = [b for b in (self.beta1, self.beta2, self.beta1_d, self.beta2_d) if b is not None]
         if not all(0 <= b < 1 for b in betas):
             raise ValueError("--beta1, --beta2, --beta1-d and --beta2-d must lie in [0, 1)")
+        if self.aux_weight and not self.conditional:
+            raise ValueError("--aux-weight trains a class head on D: it needs --conditional")
         if (self.g_width or self.d_width) and self.arch != "dcgan":
             raise ValueError(f"--g-width and --d-width set a dcgan's channels; --arch {self.arch} has fixed sizes")
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -160,7 +164,8 @@ class TrainConfig(BaseModel):
         them `--cuda-graph auto` runs eagerly and `on` is refused (gan_ray.core.fast_step)."""
         out = [flag for flag, on in (("--r1-gamma", self.r1_gamma), ("--r2-gamma", self.r2_gamma),
                                      ("--augment", self.augment not in ("", "none")),
-                                     ("--spectral-norm", self.spectral_norm)) if on]
+                                     ("--spectral-norm", self.spectral_norm),
+                                     ("--aux-weight", self.aux_weight)) if on]
         if self.optimizer != "adam":
             out.append(f"--optimizer {self.optimizer}")
         return tuple(out)
