@@ -44,8 +44,8 @@ def why_not_here(argv: list[str]) -> str | None:
         return "needs a GPU"
     if re.search(r"--dataset (cifar10|fashion-mnist)", text):
         return "needs a dataset download (offline here)"
-    if "configs/mnist" in text:
-        return "a real-MNIST recipe: its early epochs run in tests/test_recipes.py"
+    if "configs/mnist" in text or re.search(r"--dataset mnist\b", text):
+        return "real MNIST (its path is the user's): recipes' and defaults' early steps run in tests/test_recipes.py"
     if "ray://" in text:
         return "joins a remote cluster"
     return None

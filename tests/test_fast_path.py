@@ -119,10 +119,12 @@ def test_impossible_requests_are_one_line_user_errors():
         TrainConfig(cuda_graph="on")
     with pytest.raises(UserError, match="--workers 1"):
         TrainConfig(cuda_graph="on", gpus_per_worker=1, workers=2)
+    with pytest.raises(UserError, match="R1 is on by default, --r1-gamma 0"):
+        TrainConfig(cuda_graph="on", gpus_per_worker=1, workers=1)
 
 
 def test_cuda_graph_accepts_boolean_spellings_from_yaml():
-    cfg = TrainConfig.from_dict({"cuda_graph": True, "gpus_per_worker": 1, "workers": 1})
+    cfg = TrainConfig.from_dict({"cuda_graph": True, "gpus_per_worker": 1, "workers": 1, "r1_gamma": 0})
     assert cfg.cuda_graph == "on"
     assert TrainConfig.from_dict({"cuda_graph": False}).cuda_graph == "off"
     assert TrainConfig().cuda_graph == "auto" and TrainConfig().precision == "auto"
