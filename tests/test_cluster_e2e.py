@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -155,6 +156,61 @@ def test_local_cluster_has_separate_nodes(local_cluster):
                            text=True, timeout=60)
     assert again.returncode != 0 and "already running" in again.stderr
 
+
+
+@pytest.mark.slow
+def test_the_first_jobs_after_up_succeed_with_the_default_relative_storage(local_cluster):
+    """The first job after `up` used to die in Path.resolve(): both nodes shared one temp directory, and the
+    worker node's unpacking of the job's working_dir removed the head's copy under the running job. Three jobs
+    right after `up` (this module's first jobs), default `--storage runs`: all succeed, each told where a relative
+    path lands."""
+    address = local_cluster["address"]
+    for i in range(3):
+        r = run_cli("submit", "--address", address, "--wait", "--", "train", "--dataset", "digits", "--workers",
+                    "2", "--epochs", "1", "--name", f"first{i}", "--batch-size", "32", "--sample-every", "0",
+                    "--eval-samples", "256", timeout=240, env=_clean_env())
+        assert r.returncode == 0 and "SUCCEEDED" in r.stdout, f"job {i + 1} of 3:\n{r.stdout}\n{r.stderr}"
+        assert "--storage runs is relative" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_submit_wait_stops_following_on_sigterm_and_the_job_runs_on(local_cluster, tmp_path):
+    """SIGTERM to `gan-ray submit --wait` (docker stop, kubectl delete) stops the following, like Ctrl-C: one line
+    naming the job and how to stop it, exit 143, no process of its own left. The job is the cluster's: it keeps
+    running until stopped there."""
+    from tests.conftest import Command
+    from gan_ray.cluster import descendants
+
+    address = local_cluster["address"]
+    cmd = Command("submit", "--address", address, "--wait", "--", "train", "--dataset", "digits", "--workers", "1",
+                  "--epochs", "200", "--batch-size", "32", "--sample-every", "0", "--storage", str(tmp_path),
+                  "--name", "followed")
+    try:
+        sub_id = cmd.wait_for_line(r"^submitted job ", 120).split()[2]
+        cmd.wait_for_line(r"epoch +1/200", 180)  # busy: the job is training and its log is being streamed
+        tree = descendants(cmd.proc.pid)
+        cmd.proc.send_signal(signal.SIGTERM)
+        assert cmd.proc.wait(timeout=60) == 143, cmd.text()[-3000:]
+        time.sleep(0.5)  # the reader threads catch up
+        lines = [line for line in cmd.err if line.startswith("gan-ray submit: stopped (SIGTERM): ")]
+        assert len(lines) == 1 and sub_id in lines[0] and "ray job stop" in lines[0], cmd.text()[-3000:]
+        assert "Traceback" not in cmd.text()
+        assert not [p for p in tree if Path(f"/proc/{p}").exists()], "the submit command left a process behind"
+        client = _client(address)
+        assert client.get_job_status(sub_id).value == "RUNNING"  # the job was not the command's to stop
+    finally:
+        cmd.kill()
+        if "sub_id" in locals():
+            _client(address).stop_job(sub_id)
+            _wait_for(lambda: _client(address).get_job_status(sub_id).value in ("STOPPED", "FAILED", "SUCCEEDED"),
+                      60)
+
+
+def _wait_for(predicate, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
 
 def _list_options(**filters):
     from ray.util.state.common import ListApiOptions
