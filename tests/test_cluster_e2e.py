@@ -170,7 +170,7 @@ def test_the_first_jobs_after_up_succeed_with_the_default_relative_storage(local
                     "2", "--epochs", "1", "--name", f"first{i}", "--batch-size", "32", "--sample-every", "0",
                     "--eval-samples", "256", timeout=240, env=_clean_env())
         assert r.returncode == 0 and "SUCCEEDED" in r.stdout, f"job {i + 1} of 3:\n{r.stdout}\n{r.stderr}"
-        assert "--storage runs is relative" in r.stderr, r.stderr
+        assert "--storage ./runs is relative: on the cluster" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
