@@ -41,6 +41,15 @@ def ray_cluster():
     shutdown()  # Ray, and every process of the session's cluster still alive after it
 
 
+def own_lines(stderr: str) -> list[str]:
+    """The lines a command run in this process printed itself: Ray forwards its workers' output (of earlier tests
+    too, whenever it arrives) to this process's stderr, each line prefixed "(Name pid=N)", maybe coloured."""
+    import re
+
+    return [line for line in stderr.strip().splitlines()
+            if line.strip() and not re.match(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+", line)]
+
+
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25) -> float:
     """Seconds until `predicate()` held; an AssertionError naming `what` after `timeout_s`. For what Ray (Serve's
     autoscaler, the GCS's job cleanup) does asynchronously, where a fixed sleep is either slow or flaky."""

@@ -267,7 +267,9 @@ def test_auth_token_is_required_and_checked(local_cluster, tmp_path, monkeypatch
     address = local_cluster["address"]
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     assert main(["submit", "--address", address, "--", "train", "--epochs", "1"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    from tests.conftest import own_lines
+
+    lines = own_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "rejected the auth token from RAY_AUTH_TOKEN" in lines[0], lines
     # No token anywhere (a fresh HOME, no RAY_AUTH_* variables): a clear error, never a silent fallback.
     env = {k: v for k, v in _clean_env(HOME=str(tmp_path)).items() if not k.startswith("RAY_AUTH")}

@@ -36,12 +36,13 @@ def test_one_class_twice_in_a_row_and_nan_at_once():
 
 @pytest.mark.slow
 def test_stop_on_collapse_ends_a_failed_run_with_exit_1(tmp_path):
-    """A run set up to fail (G barely learns, D learns fast: D wins within an epoch) on 2 Ray Train workers: the
-    warning is printed at the epoch it is recognised, the run stops there on both ranks (a checkpoint of that
-    epoch kept), and `gan-ray train` exits 1 saying why."""
+    """A run set up to fail (G barely learns, D learns fast, R1 off: D wins within an epoch) on 2 Ray Train
+    workers: the warning is printed at the epoch it is recognised, the run stops there on both ranks (a checkpoint
+    of that epoch kept), and `gan-ray train` exits 1 saying why."""
     r = run_cli("train", "--dataset", "digits", "--workers", "2", "--epochs", "12", "--batch-size", "32",
                 "--lr-g", "1e-7", "--lr-d", "3e-3", "--sample-every", "0", "--checkpoint-every", "20",
-                "--no-ema", "--stop-on-collapse", "--storage", str(tmp_path), "--name", "doomed", timeout=600)
+                "--no-ema", "--r1-gamma", "0", "--stop-on-collapse", "--storage", str(tmp_path), "--name", "doomed",
+                timeout=600)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "doomed" / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]

@@ -21,7 +21,7 @@ from gan_ray.tune.placement import job_groups
 from gan_ray.tune.space import DEFAULT_SPACE, Choice, Range, build_space, parse_text
 
 from gan_ray.tune.trial import read_lineage
-from tests.conftest import GAN_RAY, ROOT, run_cli, wait_for
+from tests.conftest import GAN_RAY, ROOT, own_lines, run_cli, wait_for
 
 # Tiny trials: one worker, digits, a few epochs of 48 steps, the smallest sample count fd accepts on digits.
 TINY = ["--batch-size", "32", "--eval-samples", "128", "--sample-every", "0", "--workers-per-trial", "1"]
@@ -226,8 +226,8 @@ def test_cli_more_concurrent_trials_than_the_cluster_holds(ray_cluster, tmp_path
     cpus = int(ray_cluster.cluster_resources()["CPU"])
     rc = main(["tune", "--max-concurrent", str(cpus + 1), "--trials", str(cpus + 1), "--storage", str(tmp_path),
                *TINY])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and f"holds only {cpus} trial" in err[0]
+    err = own_lines(capsys.readouterr().err)
+    assert rc == 2 and len(err) == 1 and f"holds only {cpus} trial" in err[0], err
     assert not any(tmp_path.iterdir())
 
 
