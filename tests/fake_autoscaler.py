@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import alive, processes_of
+
 RAY = str(Path(sys.executable).with_name("ray"))
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # what the fake provider expects
@@ -37,43 +39,6 @@ def free_port(avoid: set[int]) -> int:
             avoid.add(port)
             return port
     raise RuntimeError("no free port")
-
-
-def process_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (ppid, state, cmdline) of every process."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            continue
-        table[int(name)] = (int(rest[1]), rest[0], cmd)
-    return table
-
-
-def processes_of(temp_dir: str) -> set[int]:
-    """Live processes whose command line names `temp_dir`, and all their descendants."""
-    table = process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, stack = set(), [pid for pid, (_, _, cmd) in table.items() if temp_dir in cmd and pid != os.getpid()]
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    return {pid for pid in found if table.get(pid, (0, "Z", ""))[1] != "Z"}
-
-
-def alive(pids: set[int]) -> set[int]:
-    table = process_table()
-    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
 
 
 class FakeAutoscalingCluster:

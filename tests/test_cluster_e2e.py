@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import alive, processes_of
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 
@@ -55,44 +57,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _process_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (ppid, state, cmdline) for every process."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            continue
-        table[int(name)] = (int(rest[1]), rest[0], cmd)
-    return table
-
-
-def _cluster_processes(temp_dir: str) -> set[int]:
-    """Live (non-zombie) processes naming the cluster's temp dir, and all their descendants."""
-    table = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    roots = [pid for pid, (_, state, cmd) in table.items() if temp_dir in cmd and pid != os.getpid()]
-    found, stack = set(), roots
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    return {pid for pid in found if table.get(pid, (0, "Z", ""))[1] != "Z"}
-
-
-def _alive(pids: set[int]) -> set[int]:
-    table = _process_table()
-    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
-
-
 def _submission_id(stdout: str) -> str:
     for line in stdout.splitlines():
         if line.startswith("submitted job "):
@@ -112,7 +76,7 @@ def local_cluster(tmp_path_factory):
     env = _clean_env(**{k: str(v) for k, v in ports.items()}, GAN_RAY_TEMP_DIR=temp_dir, GAN_RAY_HEAD_CPUS="1",
                      GAN_RAY_WORKER_NODES="1", GAN_RAY_WORKER_CPUS="1")
     up = subprocess.run(["bash", str(LOCAL_SH), "up"], env=env, capture_output=True, text=True, timeout=420)
-    seen: set[int] = _cluster_processes(temp_dir)
+    seen: set[int] = processes_of(temp_dir)
     info = {"address": f"http://127.0.0.1:{ports['GAN_RAY_DASHBOARD_PORT']}", "env": env, "temp_dir": temp_dir,
             "seen": seen, "storage": tmp_path_factory.mktemp("e2e-storage")}
     try:
@@ -120,10 +84,10 @@ def local_cluster(tmp_path_factory):
         assert info["address"] in up.stdout
         yield info
     finally:
-        seen |= _cluster_processes(temp_dir)
+        seen |= processes_of(temp_dir)
         down = subprocess.run(["bash", str(LOCAL_SH), "down"], env=env, capture_output=True, text=True,
                               timeout=120)
-        left = _alive(seen) | _cluster_processes(temp_dir)
+        left = alive(seen) | processes_of(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert down.returncode == 0, down.stderr
     assert seen, "the cluster never had any process"
