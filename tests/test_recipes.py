@@ -19,7 +19,7 @@ import torch
 from gan_ray.cli.demo import DEMO_CONFIG
 from gan_ray.core.config import TrainConfig, load_yaml, resolve
 from gan_ray.core.data import load_dataset
-from gan_ray.core.step import build_state, spec_for, train_step
+from gan_ray.core.step import build_state, eval_mode, spec_for, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -102,9 +102,7 @@ def _train_in_process(cfg: TrainConfig, mnist_dir: Path, steps: int) -> tuple[ob
 
 
 def _generate(state, n: int, labels: torch.Tensor | None) -> torch.Tensor:
-    G = state.G_ema if getattr(state, "G_ema", None) is not None else state.G
-    G.eval()
-    with torch.no_grad():
+    with eval_mode(state.sampler) as G, torch.no_grad():
         z = torch.randn(n, state.spec.latent_dim, generator=torch.Generator().manual_seed(1))
         return G(z, labels)
 

@@ -11,7 +11,7 @@ regularisation, as in StyleGAN2: the same average strength at a fraction of the 
 the plain D and join the D loss before its one backward, so under DDP D's gradient, penalty included, is
 all-reduced once per step, as without them. With `aux_weight`, a conditional D's class head (AC-GAN) is trained
 on the real half of the same forward, and G's loss adds the head's cross-entropy against the labels it was asked
-for: on MNIST this is what lifts label accuracy from ~0.9 to ~0.97.
+for: on MNIST it lifted label accuracy from 0.96 to 0.97-0.98 in the same six epochs.
 """
 from __future__ import annotations
 
@@ -186,6 +186,15 @@ class StepNets:
         return cls(state.G, unwrap(state.G), state.D, unwrap(state.D))
 
 
+def _d_forward(D: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+               with_aux: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """D's fp32 logits, and its class head's logits when the AC-GAN loss is on (else None)."""
+    if not with_aux:
+        return D(x, labels).float(), None
+    logits, classes = D(x, labels, with_aux=True)
+    return logits.float(), classes
+
+
 def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
              nets: StepNets | None = None) -> dict[str, torch.Tensor]:
     """One discriminator step: real and fake go through D in a single forward (one DDP all-reduce), augmented
@@ -200,11 +209,7 @@ def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
             fake = nets.G_plain(z, fake_labels).to(real.dtype)
         both = augment(torch.cat([real, fake]), state.augment)
         both_labels = torch.cat([labels, fake_labels]) if labels is not None else None
-        if state.aux_weight:
-            logits, classes = nets.D_train(both, both_labels, with_aux=True)
-            logits = logits.float()
-        else:
-            logits = nets.D_train(both, both_labels).float()
+        logits, classes = _d_forward(nets.D_train, both, both_labels, state.aux_weight > 0)
     real_logits, fake_logits = logits[:n], logits[n:]
     loss_d = loss.d(real_logits, fake_logits)
     out = {"loss_d": loss_d.detach(), "d_real": torch.sigmoid(real_logits.detach()).mean(),
@@ -213,9 +218,9 @@ def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
     if state.aux_weight:
         # The class head learns from real images only: fakes labelled with what G was asked for would teach it
         # G's mistakes (the AC-GAN variant that keeps D's classifier honest).
-        out["aux_d"] = aux = nn.functional.cross_entropy(classes[:n].float(), labels)
+        aux = nn.functional.cross_entropy(classes[:n].float(), labels)
         total = total + state.aux_weight * aux
-        out["aux_d"] = out["aux_d"].detach()
+        out["aux_d"] = aux.detach()
     if (state.r1_gamma or state.r2_gamma) and state.step % state.reg_every == 0:
         # Through the plain, eager D (compiled modules do not double-backward); fp32, outside autocast.
         plain_d = unwrap(state.D)
@@ -244,12 +249,8 @@ def g_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
     with frozen(unwrap(state.D)):
         with nets.autocast():
             fake = nets.G_train(z, fake_labels)
-            classes = None
-            if state.aux_weight:
-                logits, classes = nets.D_plain(augment(fake, state.augment), fake_labels, with_aux=True)
-                logits = logits.float()
-            else:
-                logits = nets.D_plain(augment(fake, state.augment), fake_labels).float()
+            logits, classes = _d_forward(nets.D_plain, augment(fake, state.augment), fake_labels,
+                                         state.aux_weight > 0)
             real_logits = None
             if loss.g_needs_real:
                 with torch.no_grad():
