@@ -237,8 +237,38 @@ def test_requests_under_load_are_really_batched(ray_cluster, serve_models):
         print(f"{batched} requests in {batches} batches: mean {batched / batches:.2f}, largest {after['largest_batch']}")
         assert batched >= stats["requests"]  # the timed ones, plus warm-up and the tail
         assert batched / batches > 1.0 and 1 < after["largest_batch"] <= 8
+        # ... and both counts reach Prometheus through Ray's metrics agent: the requests (counted by the replica,
+        # HAProxy's log-parsing metrics being off on a local cluster) and the batches (gan_ray_batch_size)
+        wait_for_metric("ray_serve_num_http_requests_total", {"application": "t-batch", "method": "POST"},
+                        stats["requests"])
+        wait_for_metric("ray_gan_ray_batch_size_count", {"application": "t-batch"}, 2)
     finally:
         serve.delete("t-batch")
+
+
+def metric_sum(text: str, name: str, labels: dict[str, str]) -> float:
+    """The sum of the Prometheus samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for_metric(name: str, labels: dict[str, str], at_least: float, timeout_s: float = 60.0) -> None:
+    """Scrape the local node's metrics agent until `name{labels}` sums to `at_least` (exported every few s)."""
+    import time
+
+    import ray
+
+    url = f"http://127.0.0.1:{ray._private.worker._global_node.metrics_export_port}/metrics"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = metric_sum(requests.get(url, timeout=10).text, name, labels)
+        if value >= at_least:
+            return
+        assert time.monotonic() < deadline, f"{name}{labels} = {value} after {timeout_s:g}s, expected >= {at_least}"
+        time.sleep(1)
 
 
 def test_label_accuracy_over_http_equals_the_models_own(served):

@@ -35,11 +35,15 @@ def add_command(sub) -> None:
     p = sub.add_parser("bench-serve", help="req/s and p50/p99 of Ray Serve vs plain FastAPI+uvicorn, same model")
     p.add_argument("--model", required=True, help="exported model directory to serve on both sides")
     p.add_argument("--duration-s", type=positive_float, default=8.0, help="timed seconds per cell")
-    p.add_argument("--warmup-s", type=nonneg_float, default=2.0)
+    p.add_argument("--warmup-s", type=nonneg_float, default=2.0, help="untimed load before a side's first rounds")
+    p.add_argument("--rounds", type=positive_int, default=16,
+                   help="alternating turns per side and cell (the timed seconds are split among them)")
     p.add_argument("--concurrency", default="1,16", help="comma-separated client concurrencies")
     p.add_argument("--n", default="1,64", help="comma-separated images per request")
     p.add_argument("--format", choices=("json", "png", "npz"), default="json")
     p.add_argument("--replicas", type=positive_int, default=1, help="Serve replicas (fixed: min = max)")
+    p.add_argument("--torch-threads", type=positive_int, default=1,
+                   help="intra-op threads of the forward on both sides (a replica's default: 1)")
     p.add_argument("--port", type=port, default=None, help="Serve HTTP port (default: a free one)")
     add_address(p)
     add_ingress(p)
