@@ -79,3 +79,52 @@ def test_bench_measures_both_sides_and_the_summary_tabulates_them(ray_cluster, t
 def test_summary_usage_error():
     r = subprocess.run([sys.executable, str(SUMMARY)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("usage:")
+
+
+def test_serving_load_counts_requests_by_completion_without_bias():
+    """bench-serve's closed-loop client on a server whose every answer takes 200 ms: 4 clients complete 20
+    requests/s, and a 2 s window (boundaries mid-wave) counts 40 of them. Counting only requests that also started
+    in the window would find 36 (about latency/window short), and the short turns that bench-serve alternates
+    would tilt its ratio toward the faster side."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from gan_ray.bench.serving import load_test
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(0.2)
+        return web.Response(text="ok")
+
+    ready, box = threading.Event(), {}
+
+    def serve() -> None:
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_post("/", slow)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            box["port"] = runner.addresses[0][1]
+            box["stop"] = asyncio.Event()
+            ready.set()
+            await box["stop"].wait()
+            await runner.cleanup()
+
+        box["loop"] = asyncio.new_event_loop()
+        box["loop"].run_until_complete(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        stats = load_test(f"http://127.0.0.1:{box['port']}/", {}, concurrency=4, duration_s=2.0, warmup_s=0.3)
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(10)
+    assert stats["errors"] == 0
+    assert 38 <= stats["requests"] <= 42, stats
+    assert 195 <= stats["p50_ms"] <= 260, stats
