@@ -15,7 +15,7 @@ import requests
 import torch
 
 from gan_ray.core.config import TrainConfig
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_for
 
 
 def train_model_dir(root: Path, *, conditional: bool, steps: int = 400, seed: int = 0) -> Path:
@@ -257,18 +257,11 @@ def metric_sum(text: str, name: str, labels: dict[str, str]) -> float:
 
 def wait_for_metric(name: str, labels: dict[str, str], at_least: float, timeout_s: float = 60.0) -> None:
     """Scrape the local node's metrics agent until `name{labels}` sums to `at_least` (exported every few s)."""
-    import time
-
     import ray
 
     url = f"http://127.0.0.1:{ray._private.worker._global_node.metrics_export_port}/metrics"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = metric_sum(requests.get(url, timeout=10).text, name, labels)
-        if value >= at_least:
-            return
-        assert time.monotonic() < deadline, f"{name}{labels} = {value} after {timeout_s:g}s, expected >= {at_least}"
-        time.sleep(1)
+    wait_for(lambda: metric_sum(requests.get(url, timeout=10).text, name, labels) >= at_least, timeout_s,
+             f"{name}{labels} >= {at_least}", poll_s=1.0)
 
 
 def test_label_accuracy_over_http_equals_the_models_own(served):

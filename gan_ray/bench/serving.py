@@ -118,7 +118,8 @@ def _measure(urls: dict[str, str], cells: list[tuple[int, int]], fmt: str, durat
             for side in (("plain", "serve") if r % 2 == 0 else ("serve", "plain")):
                 lat, err = _latencies(urls[side] + "/v1/generate", body, concurrency=conc,
                                       duration_s=duration / rounds, warmup_s=turn_warmup.get(side, warmup))
-                turn_warmup.setdefault(side, max(ROUND_WARMUP_S, 2 * float(np.median(lat)) if lat else 1.0))
+                if side not in turn_warmup:
+                    turn_warmup[side] = max(ROUND_WARMUP_S, 2 * float(np.median(lat))) if lat else 1.0
                 pooled[side] = (pooled[side][0] + lat, pooled[side][1] + err)
                 done[side] = len(lat)
             per_round.append(done["serve"] / done["plain"] if done["plain"] else float("nan"))
