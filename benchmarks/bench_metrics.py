@@ -75,7 +75,7 @@ def main() -> None:
     from gan_ray.eval.features import load_extractor
     from gan_ray.eval.metrics import Embedded, clear_references, evaluate_generator, make_splits
     from gan_ray.core.models import ModelSpec, build_generator
-    from gan_ray.core.model_dir import Generator
+    from gan_ray.core.generator import Generator
 
     t0 = time.perf_counter()
     ex = load_extractor("digits")  # trains once if the cache is empty: not part of the timed figure

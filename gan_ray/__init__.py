@@ -11,8 +11,12 @@ from gan_ray.core.errors import UserError
 
 
 def __getattr__(name: str):
-    if name in ("load_generator", "Generator"):
-        from gan_ray.core import model_dir
+    if name == "load_generator":
+        from gan_ray.core.model_dir import load_generator
 
-        return getattr(model_dir, name)
+        return load_generator
+    if name == "Generator":
+        from gan_ray.core.generator import Generator
+
+        return Generator
     raise AttributeError(name)

@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from gan_ray.cluster import processes
+from gan_ray.cluster.processes import alive, bindable, command_line, listening_ports, port_holders
+
 # One intra-op thread per test process: the machines have 2 cores, and Ray workers run beside the tests.
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 GAN_RAY = [sys.executable, "-m", "gan_ray.cli"]
+# Ray's default worker ports: a fixed port given to a cluster must lie outside them.
+RAY_WORKER_PORTS = range(10002, 20001)
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +30,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        from gan_ray.cluster import init_local
+        from gan_ray.cluster.connect import init_local
 
         # what `gan-ray serve` gives a cluster it starts: HAProxy in front of Serve, its side ports on localhost
         init_local(num_cpus=4, include_dashboard=True, configure_logging=True, logging_level="WARNING")
@@ -36,7 +41,7 @@ def ray_cluster():
         serve.shutdown()
     except Exception:
         pass
-    from gan_ray.cluster import shutdown
+    from gan_ray.cluster.connect import shutdown
 
     shutdown()  # Ray, and every process of the session's cluster still alive after it
 
@@ -50,42 +55,9 @@ def own_lines(stderr: str) -> list[str]:
             if line.strip() and not re.match(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+", line)]
 
 
-def process_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (ppid, state, cmdline) of every process."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            continue
-        table[int(name)] = (int(rest[1]), rest[0], cmd)
-    return table
-
-
 def processes_of(temp_dir: str) -> set[int]:
     """Live processes whose command line names `temp_dir`, and all their descendants."""
-    table = process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, stack = set(), [pid for pid, (_, _, cmd) in table.items() if temp_dir in cmd and pid != os.getpid()]
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    return {pid for pid in found if table.get(pid, (0, "Z", ""))[1] != "Z"}
-
-
-def alive(pids: set[int]) -> set[int]:
-    """Those of `pids` still running (zombies count as gone)."""
-    table = process_table()
-    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
+    return processes.naming([temp_dir], exclude=[os.getpid()])
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25) -> float:
@@ -131,57 +103,12 @@ def tensorboard_tags(log_dir: Path) -> dict[str, set]:
 
 
 # ------------------------------------------------------------------------------- stopping a command cleanly
-def _socket_inodes(pids) -> dict[str, int]:
-    inodes: dict[str, int] = {}
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    return inodes
-
-
-def _tcp_sockets():
-    """(local port, state, inode) of every TCP socket (/proc/net/tcp{,6}; state 0A = LISTEN, 06 = TIME_WAIT)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            yield int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
-
-
-def listening_ports(pids: set[int]) -> set[int]:
-    """TCP ports the given processes listen on (their sockets' inodes matched in /proc/net/tcp{,6})."""
-    inodes = _socket_inodes(pids)
-    return {port for port, state, inode in _tcp_sockets() if state == "0A" and inode in inodes}
-
-
 def only_time_wait(port: int) -> bool:
-    states = {state for p, state, _ in _tcp_sockets() if p == port}
-    return bool(states) and states <= {"06"}
+    """Whether every socket left on `port` is in TIME_WAIT (kernel state after a close, owned by no process)."""
+    import psutil
 
-
-def port_holders(port: int) -> set[int]:
-    """Processes holding a socket on local `port` (TIME_WAIT aside: that belongs to no process)."""
-    wanted = {inode for p, state, inode in _tcp_sockets() if p == port and state != "06"}
-    if not wanted:
-        return set()
-    inodes = _socket_inodes(int(p) for p in os.listdir("/proc") if p.isdigit())
-    return {pid for inode, pid in inodes.items() if inode in wanted}
-
-
-def bindable(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server would; a live listener still wins
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
+    states = {c.status for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port}
+    return bool(states) and states <= {psutil.CONN_TIME_WAIT}
 
 
 class Command:
@@ -214,15 +141,13 @@ class Command:
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 180) -> int:
         """Send `sig` at this moment, wait for the exit, and check that no process the command started is left
         and that every port they listened on can be bound again. Returns the exit code."""
-        from gan_ray.cluster import descendants
-
         import re
 
-        tree = descendants(self.proc.pid)
+        tree = processes.descendants(self.proc.pid)
         ports = listening_ports(tree | {self.proc.pid})
         assert tree, "the command started no process: not a busy moment"
         # what names this command's cluster in a command line: its Ray session, its HAProxy's config directory
-        cmdlines = " ".join(_cmdline(p) for p in tree)
+        cmdlines = " ".join(command_line(p) for p in tree)
         marks = set(re.findall(r"/tmp/ray/session_[\w.-]+", cmdlines)) | \
             set(re.findall(r"/tmp/haproxy-serve/\w+/", cmdlines))
         self.proc.send_signal(sig)
@@ -232,11 +157,9 @@ class Command:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         time.sleep(0.5)  # the reader threads catch up
-        alive = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:100] for p in tree
-                 if Path(f"/proc/{p}").exists() and not _zombie(p)}
-        assert not alive, f"left behind: {alive}\n{self.text()[-2000:]}"
-        strays = {p: _cmdline(p)[:100] for p in map(int, filter(str.isdigit, os.listdir("/proc")))
-                  if p != os.getpid() and any(m in _cmdline(p) for m in marks) and not _zombie(p)}
+        left = {p: command_line(p)[:100] for p in alive(tree)}
+        assert not left, f"left behind: {left}\n{self.text()[-2000:]}"
+        strays = {p: command_line(p)[:100] for p in processes.naming(marks, exclude=[os.getpid()])}
         assert not strays, f"processes of the command's cluster left behind: {strays}"
         busy: list[int] = []
 
@@ -252,9 +175,8 @@ class Command:
         try:
             wait_for(free, 10, "the command's ports to be free")
         except AssertionError:
-            detail = {p: [(pid, _cmdline(pid)[:60]) for pid in port_holders(p)] for p in busy}
-            sockets = {p: [(state, inode) for q, state, inode in _tcp_sockets() if q == p] for p in busy}
-            raise AssertionError(f"ports still bound after the command stopped: {detail} {sockets}") from None
+            detail = {p: [(pid, command_line(pid)[:60]) for pid in port_holders(p)] for p in busy}
+            raise AssertionError(f"ports still bound after the command stopped: {detail}") from None
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -262,16 +184,3 @@ class Command:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""

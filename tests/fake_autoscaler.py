@@ -16,29 +16,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.conftest import alive, processes_of
+from gan_ray.cluster.processes import free_port
+from tests.conftest import RAY_WORKER_PORTS, alive, processes_of
 
 RAY = str(Path(sys.executable).with_name("ray"))
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # what the fake provider expects
-
-
-def free_port(avoid: set[int]) -> int:
-    """A free TCP port outside Ray's worker port range (10002-19999)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 20000 and port not in avoid:
-            avoid.add(port)
-            return port
-    raise RuntimeError("no free port")
 
 
 class FakeAutoscalingCluster:
@@ -53,7 +41,8 @@ class FakeAutoscalingCluster:
         self.temp_dir = temp_dir
         self.v2 = v2
         used: set[int] = set()
-        self.gcs_port, self.dashboard_port, self.client_port, self.agent_port = (free_port(used) for _ in range(4))
+        self.gcs_port, self.dashboard_port, self.client_port, self.agent_port = (
+            free_port(avoid=used, outside=RAY_WORKER_PORTS) for _ in range(4))
         self.ip = ray._private.services.get_node_ip_address()
         self.gcs_address = f"{self.ip}:{self.gcs_port}"
         self.head_cpus = head_cpus

@@ -126,7 +126,7 @@ def test_export_and_load_round_trip(tmp_path, trained_checkpoint):
     imgs = gen.generate(12, labels=[7] * 12, seed=3)
     assert imgs.shape == (12, 1, 28, 28) and imgs.dtype == torch.float32 and 0 <= imgs.min() and imgs.max() <= 1
     # the exported weights are the EMA generator's
-    from gan_ray.core.model_dir import latent_for_seed
+    from gan_ray.core.step import latent_for_seed
 
     with torch.no_grad():
         expect = state.G_ema(latent_for_seed(12, 16, 3), torch.full((12,), 7))

@@ -46,5 +46,5 @@ def test_more_workers_than_cpus_from_the_cli(tmp_path):
     import os
 
     r = run_cli("train", "--workers", str((os.cpu_count() or 2) + 7), "--storage", str(tmp_path), "--name", "x")
-    assert_one_line_error(r, "CPUs")
+    assert_one_line_error(r, "CPU in all but the cluster has")
     assert not (tmp_path / "x").exists()

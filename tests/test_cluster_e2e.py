@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import alive, processes_of
+from gan_ray.cluster.processes import free_port
+from tests.conftest import RAY_WORKER_PORTS, alive, processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -33,22 +33,8 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
 
 # ------------------------------------------------------------------------------------------- helpers
 def _free_port(avoid: set[int], pair: bool = False) -> int:
-    """A free TCP port outside Ray's worker port range (10002-19999), optionally with port+1 free too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if 10002 <= port <= 20000 or port in avoid or (port + 1) in avoid:
-            continue
-        if pair:
-            try:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        avoid.update({port, port + 1})
-        return port
-    raise RuntimeError("no free port")
+    """A free TCP port outside Ray's worker port range, optionally with port+1 free too."""
+    return free_port(avoid=avoid, outside=RAY_WORKER_PORTS, span=2 if pair else 1)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -143,7 +129,7 @@ def test_submit_wait_stops_following_on_sigterm_and_the_job_runs_on(local_cluste
     naming the job and how to stop it, exit 143, no process of its own left. The job is the cluster's: it keeps
     running until stopped there."""
     from tests.conftest import Command
-    from gan_ray.cluster import descendants
+    from gan_ray.cluster.processes import descendants
 
     address = local_cluster["address"]
     cmd = Command("submit", "--address", address, "--wait", "--", "train", "--dataset", "digits", "--workers", "1",

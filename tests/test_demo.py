@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from gan_ray.cli.demo import DEMO_CONFIG
+from gan_ray.cli.demo import DEMO_RECIPE
+from gan_ray.core.config import load_yaml
 from tests.conftest import run_cli
 from tests.digit_reader import class_shares, read_digits
 
@@ -37,7 +38,7 @@ def test_demo_runs_every_stage_and_says_where_things_are(demo):
     assert len(rows) == 4 and all(r["status"] in ("completed", "stopped early") for r in rows)
     assert (out / "runs" / "sweep" / "sweep.png").read_bytes()[:8] == PNG
     metrics = [json.loads(line) for line in (out / "runs" / "digits" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == list(range(1, DEMO_CONFIG["epochs"] + 1))
+    assert [m["epoch"] for m in metrics] == list(range(1, load_yaml(DEMO_RECIPE)["epochs"] + 1))
     info = json.loads((out / "model" / "model.json").read_text())
     assert info["config"]["conditional"] is True and info["num_classes"] == 10
     for png in (out / "samples.png", out / "grid.png", out / "model" / "samples.png"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gan_ray.cli import build_parser
-from gan_ray.core.config import TrainConfig, field_cli
+from gan_ray.core.config import TrainConfig
 from gan_ray.serve.schema import ServeArgs
 from gan_ray.tune.space import SweepSettings
 
@@ -27,7 +27,7 @@ def subparser(command: str) -> argparse.ArgumentParser:
 
 def parser_flags(command: str) -> dict[str, object]:
     """Each option of `gan-ray COMMAND` (its first spelling, no --no- twins) -> the default the code applies."""
-    models = {"serve": ServeArgs, "tune": SweepSettings}
+    models = {"serve": ServeArgs, "tune": SweepSettings, "train": TrainConfig}
     out = {}
     for action in subparser(command)._actions:
         if not action.option_strings or action.dest == "help":
@@ -36,8 +36,6 @@ def parser_flags(command: str) -> dict[str, object]:
         model = models.get(command)
         if model is not None and action.dest in model.model_fields:
             default = model.model_fields[action.dest].default
-        elif command == "train" and action.dest in TrainConfig.model_fields:
-            default = field_cli(action.dest)["default"]
         out[action.option_strings[0]] = default
     return out
 

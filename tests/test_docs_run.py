@@ -94,7 +94,7 @@ def localise(argv: list[str], world: dict, out_dir: Path) -> list[str]:
         elif arg == "--address":
             out += [arg, world["address"]]
         elif arg == "--port":
-            from tests.test_serve import free_port
+            from gan_ray.cluster.processes import free_port
 
             out += [arg, str(free_port())]
         else:
@@ -106,7 +106,7 @@ def localise(argv: list[str], world: dict, out_dir: Path) -> list[str]:
     if out[0] in ("train", "tune", "bench") and "--address" not in out:
         out += ["--address", world["address"]]  # join the session's cluster (a cluster start saved per command)
     if out[0] == "serve" and "--port" not in out:
-        from tests.test_serve import free_port
+        from gan_ray.cluster.processes import free_port
 
         out += ["--port", str(free_port())]
     if out[0] in ("train", "tune") and "--storage" not in out:

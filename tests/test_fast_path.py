@@ -9,7 +9,6 @@ a lent GPU machine.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
@@ -24,6 +23,7 @@ from gan_ray.core.fast_step import FastPath, FastStep, make_step_fn, prepare_mod
 from gan_ray.core.epoch import run_epoch
 from gan_ray.core.models import ModelSpec, build
 from gan_ray.core.step import make_state, train_step
+from gan_ray.cluster.processes import free_port
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -124,9 +124,9 @@ def test_impossible_requests_are_one_line_user_errors():
 
 
 def test_cuda_graph_accepts_boolean_spellings_from_yaml():
-    cfg = TrainConfig.from_dict({"cuda_graph": True, "gpus_per_worker": 1, "workers": 1, "r1_gamma": 0})
+    cfg = TrainConfig.from_mapping({"cuda_graph": True, "gpus_per_worker": 1, "workers": 1, "r1_gamma": 0})
     assert cfg.cuda_graph == "on"
-    assert TrainConfig.from_dict({"cuda_graph": False}).cuda_graph == "off"
+    assert TrainConfig.from_mapping({"cuda_graph": False}).cuda_graph == "off"
     assert TrainConfig().cuda_graph == "auto" and TrainConfig().precision == "auto"
 
 
@@ -211,12 +211,6 @@ def test_bf16_trains_digits_like_fp32():
 
 
 # --------------------------------------------------------------------------------------------- DDP (gloo)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -242,7 +236,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_ddp_with_the_fast_path_keeps_ranks_identical(tmp_path):
     """Two gloo processes, different data and noise per rank, bf16 fast step: gradients are all-reduced every
     step, so the weights stay identical across ranks although their losses differ."""
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["loss_d"] != r1["loss_d"], "ranks saw different batches"

@@ -1,4 +1,4 @@
-"""The recipes in configs/ and the defaults hold on real MNIST: their early steps neither collapse nor diverge.
+"""The packaged recipes (gan_ray/recipes/) and the defaults hold on real MNIST: their early steps neither collapse nor diverge.
 
 The full runs (minutes each, figures in each config's header and docs/metrics.md#recipes-measured) are too long
 for CI; what CI can afford is the first few hundred steps of each, in one process with the real step, read by an
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from gan_ray.cli.demo import DEMO_CONFIG
-from gan_ray.core.config import TrainConfig, load_yaml, resolve
+from gan_ray.core.config import RECIPES_DIR, TrainConfig, load_yaml, resolve
 from gan_ray.core.data import load_dataset
+from gan_ray.core.errors import UserError
 from gan_ray.core.step import build_state, eval_mode, spec_for, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(RECIPES_DIR.glob("*.yaml"))
 MNIST_GZ = ROOT.parent / "shared" / "data" / "mnist"
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -36,12 +36,11 @@ def test_every_recipe_is_a_valid_config_headed_by_its_measurements():
         assert text.startswith("#") and "Measured" in text and "wall" in text, f"{path.name}: no measured result"
 
 
-def test_the_demo_trains_configs_digits():
-    recipe = load_yaml(ROOT / "configs" / "digits.yaml")
-    assert {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-            for k, v in recipe.items()} == \
-           {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-            for k, v in DEMO_CONFIG.items()}
+def test_a_recipe_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_yaml("digits") == load_yaml(RECIPES_DIR / "digits.yaml")
+    with pytest.raises(UserError, match="nor a recipe of that name: digits, mnist, mnist-seed"):
+        load_yaml("no-such-recipe")
 
 
 # ------------------------------------------------------------------------------------------ real MNIST

@@ -16,6 +16,7 @@ import torch
 
 from gan_ray.core.config import TrainConfig
 from tests.conftest import run_cli, wait_for
+from gan_ray.cluster.processes import free_port
 
 
 def train_model_dir(root: Path, *, conditional: bool, steps: int = 400, seed: int = 0) -> Path:
@@ -58,12 +59,6 @@ def serve_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve-models")
     return {"conditional": train_model_dir(root, conditional=True, steps=COND_STEPS),
             "unconditional": train_model_dir(root, conditional=False, steps=UNCOND_STEPS)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_serve(ray_cluster) -> None:

@@ -5,8 +5,8 @@ import socket
 
 import pytest
 
-from gan_ray import cluster as serve_ingress
-from gan_ray.cluster import PICKED_ENV, PORT_DEFAULTS, apply_to_local_cluster, ingress_env
+from gan_ray.cluster import ingress as serve_ingress
+from gan_ray.cluster.ingress import PICKED_ENV, PORT_DEFAULTS, apply_to_local_cluster, ingress_env
 
 
 @pytest.fixture

@@ -106,7 +106,8 @@ def test_malformed_content_length_is_400_not_413(client, value):
 
 # -------------------------------------------------------------------------------------------- global RNG state
 def test_unseeded_generate_leaves_torch_global_rng_alone(model_dir):
-    from gan_ray.core.model_dir import latent_for_seed, load_generator
+    from gan_ray.core.step import latent_for_seed
+    from gan_ray.core.model_dir import load_generator
 
     gen = load_generator(model_dir)
     torch.manual_seed(1234)

@@ -144,7 +144,7 @@ def test_gan_ray_serve_runs_until_ctrl_c(serve_models, tmp_path):
     import sys
 
     from tests.conftest import ROOT
-    from tests.test_serve import free_port
+    from gan_ray.cluster.processes import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

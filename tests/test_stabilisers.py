@@ -5,7 +5,6 @@ architecture is the article's."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from gan_ray.core.config import TrainConfig
 from gan_ray.core.errors import UserError
 from gan_ray.core.models import ModelSpec, build
 from gan_ray.core.step import build_state, d_update, g_update, make_state, spec_for, train_step
+from gan_ray.cluster.processes import free_port
 
 SHAPE = (1, 28, 28)
 
@@ -304,12 +304,6 @@ def test_aux_weight_needs_a_conditional_model_and_is_off_by_default():
 
 
 # ------------------------------------------------------------------------------------ DDP on 2 gloo ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str, reg: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -350,7 +344,7 @@ def test_stabilisers_under_ddp_keep_ranks_identical_and_all_reduce_once_per_upda
     different data the weights stay bit-identical, and a regularised step all-reduces exactly as many buckets as
     a plain one (D's gradient once, G's once), not more."""
     for reg in (False, True):
-        mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), reg), nprocs=2, join=True,
+        mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path), reg), nprocs=2, join=True,
                            start_method="spawn")
     plain0 = torch.load(tmp_path / "rank0-False.pt", weights_only=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}-True.pt", weights_only=True) for r in (0, 1))

@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from tests.conftest import Command, _cmdline, run_cli
+from gan_ray.cluster.processes import command_line
+from tests.conftest import Command, run_cli
 from tests.test_serve import serve_models  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -56,7 +57,7 @@ def test_tune_stops_with_its_sweep_saved(tmp_path):
 
 
 def test_serve_stops_and_frees_its_ports(tmp_path, serve_models):
-    from tests.test_serve import free_port
+    from gan_ray.cluster.processes import free_port
 
     port = free_port()
     cmd = Command("serve", "--model", str(serve_models["conditional"]), "--port", str(port), "--max-replicas", "1")
@@ -91,10 +92,10 @@ def test_bench_stops_inside_its_ray_train_run():
 
         from tests.conftest import wait_for
 
-        from gan_ray.cluster import descendants
+        from gan_ray.cluster.processes import descendants
 
         # busy: the Ray Train run is measuring (the plain loop ran first)
-        wait_for(lambda: any("TrainController" in _cmdline(p) for p in descendants(cmd.proc.pid)), 300,
+        wait_for(lambda: any("TrainController" in command_line(p) for p in descendants(cmd.proc.pid)), 300,
                  "the Ray Train run")
         time.sleep(5)
         assert cmd.stop() == 143, cmd.text()[-2000:]
@@ -119,8 +120,8 @@ def test_two_local_deployments_coexist_with_side_ports_on_localhost(tmp_path, se
     are taken, and binds them on 127.0.0.1 only."""
     from tests.conftest import listening_ports
 
-    from gan_ray.cluster import descendants
-    from tests.test_serve import free_port
+    from gan_ray.cluster.processes import descendants
+    from gan_ray.cluster.processes import free_port
 
     cmds = []
     try:
@@ -134,7 +135,7 @@ def test_two_local_deployments_coexist_with_side_ports_on_localhost(tmp_path, se
         side = []
         for cmd, port in cmds:
             assert generate(f"http://127.0.0.1:{port}", n=2, seed=1, format="npz").arrays()[0].shape[0] == 2
-            haproxy = {p for p in descendants(cmd.proc.pid) if "haproxy -db" in _cmdline(p)}
+            haproxy = {p for p in descendants(cmd.proc.pid) if "haproxy -db" in command_line(p)}
             assert haproxy, "served through HAProxy"
             side.append(listening_ports(haproxy) - {port})
             for p in side[-1]:

@@ -128,7 +128,7 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused(ray_cluster, tmp_path
     import ray
 
     cpus = int(ray.cluster_resources()["CPU"])
-    with pytest.raises(UserError, match="CPUs"):
+    with pytest.raises(UserError, match="CPU in all but the cluster has"):
         fit(small_config(tmp_path, "too-many", workers=cpus + 1), quality=False, progress=False)
     assert not (tmp_path / "too-many").exists(), "nothing written for a refused run"
 

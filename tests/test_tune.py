@@ -85,22 +85,29 @@ def test_space_file_errors(tmp_path):
         build_space({}, load_yaml(f), file_name=str(f))
 
 
-def test_capacity_and_concurrency():
-    from gan_ray.tune.sweep import capacity, resolve_concurrency, trial_need
+def test_concurrency_packs_trials_onto_nodes():
+    """The sweep's concurrency uses train's fitting rule (gan_ray.cluster.resources.pack): per node, never totals."""
+    from gan_ray.tune.sweep import resolve_concurrency, trial_bundles
     from gan_ray.tune.space import DRIVER_CPU, SweepSettings
 
     two_cores = SweepSettings(trials=8)
-    assert trial_need(two_cores) == {"CPU": pytest.approx(1.0)}  # driver + worker fill one CPU exactly
-    assert resolve_concurrency(two_cores, {"CPU": 2.0}) == 2
-    assert resolve_concurrency(SweepSettings(trials=8, cpus_per_worker=1), {"CPU": 2.0}) == 1
+    assert sum(b["CPU"] for b in trial_bundles(two_cores)) == pytest.approx(1.0)  # driver + worker fill one CPU
+    assert resolve_concurrency(two_cores, [{"CPU": 2.0}]) == 2
+    assert resolve_concurrency(SweepSettings(trials=8, cpus_per_worker=1), [{"CPU": 2.0}]) == 1
     gpu = SweepSettings(trials=8, gpus_per_worker=0.25, cpus_per_worker=1)
-    assert trial_need(gpu) == {"CPU": 1 + DRIVER_CPU, "GPU": 0.25}
-    assert resolve_concurrency(gpu, {"CPU": 16.0, "GPU": 1.0}) == 4  # four trials packed on one GPU
-    assert capacity({"CPU": 16.0}, trial_need(gpu)) == 0
-    with pytest.raises(UserError, match="holds only 2 trial"):
-        resolve_concurrency(SweepSettings(trials=8, max_concurrent=3), {"CPU": 2.0})
-    with pytest.raises(UserError, match="one trial needs"):
-        resolve_concurrency(SweepSettings(trials=2, workers_per_trial=3), {"CPU": 2.0})
+    assert trial_bundles(gpu) == [{"CPU": DRIVER_CPU}, {"CPU": 1.0, "GPU": 0.25}]
+    assert resolve_concurrency(gpu, [{"CPU": 16.0, "GPU": 1.0}]) == 4  # four trials packed on one GPU
+    with pytest.raises(UserError, match="0.25 GPU in all but the cluster has 0"):
+        resolve_concurrency(gpu, [{"CPU": 16.0}])
+    with pytest.raises(UserError, match="they hold 2 trial"):
+        resolve_concurrency(SweepSettings(trials=8, max_concurrent=3), [{"CPU": 2.0}])
+    # Three 1-CPU nodes hold 3 CPUs in all, but no node holds a trial's 2-CPU worker (totals would have said yes).
+    wide = SweepSettings(trials=2, cpus_per_worker=2)
+    with pytest.raises(UserError, match=r"no node is large enough .* largest holds 1 CPU"):
+        resolve_concurrency(wide, [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}])
+    assert resolve_concurrency(wide, [{"CPU": 1.0}, {"CPU": 3.0}]) == 1
+    with pytest.raises(UserError, match="one trial .* needs"):
+        resolve_concurrency(SweepSettings(trials=2, workers_per_trial=3), [{"CPU": 2.0}])
 
 
 def test_parse_text_keeps_dataset_paths():

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 from typing import Any
 
 from gan_ray.core.errors import UserError
+from gan_ray.cluster.processes import free_port
 
 
 def load_test(url: str, body: dict[str, Any], *, concurrency: int, duration_s: float, warmup_s: float = 1.0,
@@ -80,12 +80,6 @@ async def _load(url: str, payload: bytes, concurrency: int, duration_s: float, w
     return latencies, errors
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _plain_server(model: str, port: int, torch_threads: int) -> subprocess.Popen:
     """The baseline: the same FastAPI routes and encoders, one uvicorn process, no Ray, no batching; its forward
     on as many intra-op threads as a replica's, so the two sides differ in how they serve, not in how they
@@ -133,7 +127,7 @@ def _measure(urls: dict[str, str], cells: list[tuple[int, int]], fmt: str, durat
 
 
 def run_bench_serve(args: Any) -> dict[str, Any]:
-    from gan_ray.cluster import mode_from_env
+    from gan_ray.cluster.ingress import mode_from_env
     from gan_ray.serve.client import wait_ready
     from gan_ray.serve.deployment import check_model, start_serving, stop_serving
 
@@ -145,13 +139,13 @@ def run_bench_serve(args: Any) -> dict[str, Any]:
         raise UserError("--n and --concurrency take comma-separated integers") from None
     cells = [(n, c) for n in ns for c in concs]
 
-    port = _free_port()
+    port = free_port()
     proc = _plain_server(args.model, port, args.torch_threads)
     try:
         plain_url = f"http://127.0.0.1:{port}"
         wait_ready(plain_url, timeout_s=120)
         print(f"[bench-serve] plain FastAPI+uvicorn (1 process) on :{port}", file=sys.stderr, flush=True)
-        url = start_serving(args.model, port=args.port or _free_port(), address=args.address,
+        url = start_serving(args.model, port=args.port or free_port(), address=args.address,
                             ingress=args.ingress, min_replicas=args.replicas, max_replicas=args.replicas,
                             torch_threads=args.torch_threads)
         ingress = "the cluster's own" if args.address or os.environ.get("RAY_ADDRESS") else \

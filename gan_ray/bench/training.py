@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from gan_ray.cluster import ensure_ray
+from gan_ray.cluster.connect import ensure_ray
 from gan_ray.core.errors import UserError
 
 LATENT = 100

@@ -13,14 +13,11 @@ from pathlib import Path
 import argparse
 
 from gan_ray.cli.flags import add_address, positive_int, stopped
-from gan_ray.core.config import TrainConfig
+from gan_ray.core.config import TrainConfig, load_yaml
 
-# configs/digits.yaml, measured there (tests/test_recipes.py keeps the two equal): a small class-conditional DCGAN
-# with an AC-GAN class head and a weak lazy R1 reads as the asked digit (label accuracy 0.98) with smooth strokes,
-# where the earlier conditional MLP's samples were speckled (0.96).
-DEMO_CONFIG = dict(dataset="digits", arch="dcgan", conditional=True, g_width=32, d_width=32, aux_weight=0.2,
-                   loss="bce", lr_g=4e-4, lr_d=4e-4, beta1=0.5, batch_size=32, epochs=60, ema_halflife_kimg=2.0,
-                   r1_gamma=0.1, r1_every=4, checkpoint_every=20, sample_every=5, eval_samples=500)
+# The recipe `digits` (gan_ray/recipes/digits.yaml, measured there): a small class-conditional DCGAN with an AC-GAN
+# class head and a weak lazy R1 reads as the asked digit (label accuracy 0.98) with smooth strokes.
+DEMO_RECIPE = "digits"
 # The short sweep: 4 trials of 3 epochs, ASHA stopping the weak ones after 1 epoch.
 SWEEP_SPACE = {"lr_g": "1e-4:6e-4", "lr_d": "1e-4:6e-4", "latent_dim": "64,100"}
 SWEEP_TRIALS, SWEEP_EPOCHS = 4, 3
@@ -31,8 +28,8 @@ def _sweep(out: Path, address: str | None) -> dict:
     from gan_ray.tune.space import SweepSettings, build_space
     from gan_ray.tune.sweep import run_sweep
 
-    fixed = {k: str(v) for k, v in DEMO_CONFIG.items() if k not in ("epochs", "checkpoint_every", "sample_every",
-                                                                    "eval_samples", *SWEEP_SPACE)}
+    skip = ("epochs", "checkpoint_every", "sample_every", "eval_samples", *SWEEP_SPACE)
+    fixed = {k: str(v) for k, v in load_yaml(DEMO_RECIPE).items() if k not in skip}
     space = build_space({**fixed, **SWEEP_SPACE, "eval_samples": "256", "sample_every": "0"}, use_defaults=False)
     sweep = run_sweep(space, SweepSettings(trials=SWEEP_TRIALS, epochs=SWEEP_EPOCHS, scheduler="asha",
                                            grace_period=1, reduction_factor=2, storage=str(out / "runs"),
@@ -78,7 +75,7 @@ def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2
              step: dict[str, str] | None = None) -> int:
     """The main job end to end; `step["now"]` names the step under way (for the line a stop prints)."""
     step = step if step is not None else {}
-    from gan_ray.cluster import port_or_free
+    from gan_ray.cluster.processes import port_or_free
     from gan_ray.core.images import save_samples
     from gan_ray.core.model_dir import export, load_generator
     from gan_ray.core.run_dir import best_checkpoint
@@ -95,7 +92,8 @@ def run_demo(out_dir: str = "demo", address: str | None = None, workers: int = 2
     print(f"[demo] 1/4 sweep: {SWEEP_TRIALS} Ray Tune trials of up to {SWEEP_EPOCHS} epochs over {SWEEP_SPACE}")
     best = _sweep(out, address)
     t_sweep = time.time()
-    cfg = TrainConfig(**{**DEMO_CONFIG, **best}, workers=workers, storage=str(out / "runs"), name="digits")
+    cfg = TrainConfig.from_mapping({**load_yaml(DEMO_RECIPE), **best, "workers": workers,
+                                    "storage": str(out / "runs"), "name": "digits"}, source=f"recipe {DEMO_RECIPE}")
     step["now"] = "training (2/4)"
     print(f"[demo] 2/4 train: {cfg.arch} (conditional) on {cfg.dataset} with {workers} Ray Train workers for "
           f"{cfg.epochs} epochs, lr_g={cfg.lr_g:.2e} lr_d={cfg.lr_d:.2e} latent_dim={cfg.latent_dim}")

@@ -1,5 +1,6 @@
-"""What every command shares: the parser class, the typed-number flags, the training flags built from
-`TrainConfig`'s fields, turning the flags given into a validated config, and how a command is stopped.
+"""What every command shares: the parser class, the typed-number flags, the flags built from a settings model's
+fields (`add_settings_flags`: training, sweeps, serving), turning the flags given into a validated config, and how
+a command is stopped.
 
 Usage errors are one line (exit code 2), like every other user error. SIGTERM (docker stop, kubectl delete,
 systemd) is handled like Ctrl-C: the handler runs the process's Ctrl-C handler, so every command stops the way it
@@ -13,8 +14,9 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
-from gan_ray.core.config import TrainConfig, field_cli, field_types, flag_name, load_yaml, resolve
+from gan_ray.core.config import TrainConfig, load_yaml, resolve
 from gan_ray.core.errors import UserError
+from gan_ray.core.settings import Settings, field_choices, field_kind, flag_name
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,77 +75,44 @@ def labels_arg(text: str | None) -> int | list[int] | None:
     return values[0] if len(values) == 1 else values
 
 
-# ---------------------------------------------------------------------------------------------- training flags
-def add_train_flags(p: argparse.ArgumentParser, *, exclude: Sequence[str] = (), as_strings: bool = False) -> None:
-    """One flag per TrainConfig field. Defaults are suppressed so only flags actually given override the file.
+# ------------------------------------------------------------------------------------------- settings flags
+def add_settings_flags(p: argparse.ArgumentParser, model: type[Settings], *, exclude: Sequence[str] = (),
+                       aliases: dict[str, str] | None = None, bools_take_values: bool = False) -> None:
+    """One flag per field of a settings model (TrainConfig, SweepSettings, ServeArgs), help from its description.
 
-    `as_strings` keeps values as typed text (sweeps parse ranges like `1e-5:1e-2` from them).
-    """
-    types = field_types()
-    for name in TrainConfig.model_fields:
+    Values are kept as the text given (a sweep parses ranges like `1e-5:1e-2` from it) and every check is left to
+    the model, so a rule is written once and its error names the flag wherever the value came from. Defaults are
+    suppressed: only flags actually given override a config file or the model's own defaults. `aliases` adds an
+    older spelling of a flag. `bools_take_values`: `--ema false` or `--ema true,false` (a sweep may search a
+    switch) instead of `--ema` / `--no-ema`."""
+    for name, f in model.model_fields.items():
         if name in exclude:
             continue
-        meta = field_cli(name)
-        help_text = f"{meta['help']} (default: {meta['default']})"
-        if types[name] is bool and not as_strings:
-            p.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+        flags = [flag_name(name)] + ([aliases[name]] if aliases and name in aliases else [])
+        help_text = f.description or ""
+        if "default" not in help_text:  # a description that explains its default says it better
+            default = "none" if f.default is None else f.default
+            help_text = f"{help_text} (default: {default})".strip()
+        if field_kind(model, name) is bool and not bools_take_values:
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_text)
-        else:
-            choices = None if as_strings else meta.get("choices")
-            const = None if as_strings else meta.get("const")
-            extra = {"nargs": "?", "const": const} if const is not None else {}
-            p.add_argument(flag_name(name), type=str if as_strings else types[name], choices=choices,
-                           default=argparse.SUPPRESS, help=help_text, metavar=name.upper(), **extra)
+            continue
+        choices = field_choices(model, name)
+        const = (f.json_schema_extra or {}).get("const") if isinstance(f.json_schema_extra, dict) else None
+        extra = {"nargs": "?", "const": const} if const is not None else {}
+        p.add_argument(*flags, dest=name, type=str, default=argparse.SUPPRESS, help=help_text,
+                       metavar="{" + ",".join(choices) + "}" if choices else name.upper(), **extra)
 
 
-def given_train_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The training flags actually given on the command line."""
-    return {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields}
+def given_values(args: argparse.Namespace, model: type[Settings]) -> dict[str, Any]:
+    """The fields of `model` given as flags."""
+    return {k: v for k, v in vars(args).items() if k in model.model_fields}
 
 
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < --config FILE < flags, validated once."""
     file_values = load_yaml(args.config) if getattr(args, "config", None) else None
-    return resolve(file_values, given_train_values(args), source=getattr(args, "config", None) or "config")
-
-
-def add_model_flags(p: argparse.ArgumentParser, model: type, *, exclude: Sequence[str] = (),
-                    aliases: dict[str, str] | None = None) -> None:
-    """One flag per field of a pydantic settings model (e.g. ServeArgs), typed and range-checked from the field's
-    constraints, help from its description. Defaults are suppressed: the model's own apply to what is not given.
-    `aliases` adds an older spelling of a flag."""
-    import types
-    import typing
-
-    for name, f in model.model_fields.items():
-        if name in exclude:
-            continue
-        kind = f.annotation
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X]
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        flags = [flag_name(name)] + ([aliases[name]] if aliases and name in aliases else [])
-        default = "none" if f.default is None else f.default
-        help_text = f"{f.description or ''} (default: {default})".strip()
-        if kind is bool:
-            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_text)
-            continue
-        ge = next((m.ge for m in f.metadata if getattr(m, "ge", None) is not None), None)
-        gt = next((m.gt for m in f.metadata if getattr(m, "gt", None) is not None), None)
-        noun = "an integer" if kind is int else "a number"
-        if ge is not None:
-            typ = number(kind, lambda v, ge=ge: v >= ge, f"{noun} >= {ge}")
-        elif gt is not None:
-            typ = number(kind, lambda v, gt=gt: v > gt, f"{noun} > {gt}")
-        else:
-            typ = kind
-        p.add_argument(*flags, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text,
-                       metavar=name.upper())
-
-
-def given_model_values(args: argparse.Namespace, model: type) -> dict[str, Any]:
-    """The fields of `model` given as flags."""
-    return {k: v for k, v in vars(args).items() if k in model.model_fields}
+    return resolve(file_values, given_values(args, TrainConfig), source=getattr(args, "config", None) or "config")
 
 
 def add_address(p: argparse.ArgumentParser) -> None:
@@ -151,7 +120,7 @@ def add_address(p: argparse.ArgumentParser) -> None:
 
 
 def add_cluster_wait(p: argparse.ArgumentParser) -> None:
-    from gan_ray.cluster import DEFAULT_WAIT_S, WAIT_ENV
+    from gan_ray.cluster.autoscaler import DEFAULT_WAIT_S, WAIT_ENV
 
     p.add_argument("--cluster-wait-s", type=nonneg_float, default=None, metavar="SECONDS",
                    help="on an autoscaling cluster, how long to wait for the nodes this job needs (a progress line "
@@ -160,7 +129,7 @@ def add_cluster_wait(p: argparse.ArgumentParser) -> None:
 
 
 def add_ingress(p: argparse.ArgumentParser) -> None:
-    from gan_ray.cluster import MODES
+    from gan_ray.cluster.ingress import MODES
 
     p.add_argument("--ingress", choices=MODES, default=None,
                    help="front door of a cluster this command starts: haproxy (default where its binary exists; "

@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from gan_ray.cli import bench, demo, evaluate, export, generate, sample, serve, submit, train, tune
-from gan_ray import cluster
+from gan_ray.cluster.connect import shutdown as shutdown_cluster
 from gan_ray.cli.flags import Parser, Stopping, stopped
 from gan_ray.core.errors import UserError, one_line
 
@@ -44,5 +44,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = stopped(command or "", "interrupted before it finished")
     finally:
-        cluster.shutdown()
+        shutdown_cluster()
     return 143 if Stopping.by_sigterm and code != 2 else code

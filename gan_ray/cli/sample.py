@@ -26,7 +26,8 @@ def add_command(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gan_ray.core.images import save_samples
-    from gan_ray.core.model_dir import open_generator, text_line
+    from gan_ray.core.model_dir import open_generator
+    from gan_ray.core.handwriting import text_line
 
     if not args.out.lower().endswith((".npz", ".png")):
         raise UserError(f"--out must end in .npz or .png, got {args.out!r}")

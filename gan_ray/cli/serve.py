@@ -6,8 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from gan_ray.cli.flags import add_address, add_ingress, add_model_flags, given_model_values, port, stopped
-from gan_ray.core.errors import UserError
+from gan_ray.cli.flags import add_address, add_ingress, add_settings_flags, given_values, port, stopped
 from gan_ray.serve.schema import ServeArgs
 
 FLAG_ALIASES = {"batch_wait_timeout_s": "--batch-wait-s"}  # the flag's first, shorter spelling still works
@@ -21,7 +20,7 @@ def add_command(sub) -> None:
     p.add_argument("--model", required=True, help="exported model directory (gan-ray export)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=port, default=8000, help="HTTP port")
-    add_model_flags(p, ServeArgs, exclude=("model",), aliases=FLAG_ALIASES)
+    add_settings_flags(p, ServeArgs, exclude=("model",), aliases=FLAG_ALIASES)
     add_address(p)
     add_ingress(p)
     p.add_argument("--wait-for-model", action="store_true",
@@ -34,14 +33,8 @@ def add_command(sub) -> None:
 
 
 def serve_args(args: argparse.Namespace) -> ServeArgs:
-    """The deployment's settings from the flags given (ServeArgs' defaults for the rest), as one UserError if
-    they do not fit together."""
-    from pydantic import ValidationError
-
-    try:
-        return ServeArgs(**given_model_values(args, ServeArgs))
-    except ValidationError as exc:
-        raise UserError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    """The deployment's settings from the flags given (ServeArgs' defaults for the rest)."""
+    return ServeArgs(**given_values(args, ServeArgs))
 
 
 def run(args: argparse.Namespace) -> int:

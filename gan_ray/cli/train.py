@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gan_ray.cli.flags import add_address, add_cluster_wait, add_train_flags, resolve_train_config, stopped
+from gan_ray.cli.flags import add_address, add_cluster_wait, add_settings_flags, resolve_train_config, stopped
 from gan_ray.core.config import TrainConfig
 
 
@@ -14,7 +14,7 @@ def add_command(sub) -> None:
     p.add_argument("--config", help="YAML file of flag: value (command-line flags override it)")
     add_address(p)
     add_cluster_wait(p)
-    add_train_flags(p)
+    add_settings_flags(p, TrainConfig)
     p.set_defaults(func=run)
 
 

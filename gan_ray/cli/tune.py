@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gan_ray.cli.flags import (add_address, add_cluster_wait, add_model_flags, add_train_flags, given_model_values,
-                               given_train_values, stopped)
-from gan_ray.core.config import load_yaml
+from gan_ray.cli.flags import add_address, add_cluster_wait, add_settings_flags, given_values, stopped
+from gan_ray.core.config import TrainConfig, load_yaml
 from gan_ray.core.errors import UserError
 from gan_ray.tune.space import SweepSettings
 
@@ -21,18 +20,18 @@ def add_command(subparsers) -> None:
                     "early, and export the best generator. Any training flag takes one value (fixed), LOW:HIGH "
                     "(log-uniform; LOW:HIGH:lin for uniform) or A,B,C (a choice). Default space: --lr-g and --lr-d "
                     "2e-5:2e-3, --latent-dim 16,32,64,100,128.")
-    add_model_flags(p, SweepSettings)
+    add_settings_flags(p, SweepSettings)
     p.add_argument("--space", default=None, help="YAML file: flag: value | LOW:HIGH | [A, B] | {loguniform: [lo, hi]} "
                                                 "| {uniform: [lo, hi]} | {choice: [...]} (flags override it)")
     p.add_argument("--export", default=None, metavar="DIR", help="export the best generator to DIR")
     add_address(p)
     add_cluster_wait(p)
-    add_train_flags(p, exclude=SWEEP_OWNED, as_strings=True)
+    add_settings_flags(p, TrainConfig, exclude=SWEEP_OWNED, bools_take_values=True)
     p.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> SweepSettings:
-    return SweepSettings(**given_model_values(args, SweepSettings))
+    return SweepSettings(**given_values(args, SweepSettings))
 
 
 def space_from_args(args: argparse.Namespace):
@@ -45,7 +44,7 @@ def space_from_args(args: argparse.Namespace):
             if str(key).replace("-", "_") in SWEEP_OWNED:
                 raise UserError(f"{args.space}: {key!r} is a sweep flag (--{str(key).replace('_', '-')}), "
                                 f"not part of the space")
-    flags = {k: v for k, v in given_train_values(args).items() if k not in SWEEP_OWNED}
+    flags = {k: v for k, v in given_values(args, TrainConfig).items() if k not in SWEEP_OWNED}
     return build_space(flags, file_values, file_name=args.space or "the space file")
 
 

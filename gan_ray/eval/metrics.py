@@ -435,11 +435,11 @@ def evaluate_generator(source, dataset: str | Reference | None = None, n: int = 
                        metrics: Sequence[str] | None = None, log=lambda msg: None) -> dict[str, Any]:
     """Score a generator or a set of images: the one entry point of the CLI, the training hook and Tune.
 
-    `source`: a `gan_ray.core.model_dir.Generator` (n images from `seed`), a `(module, ModelSpec)` pair, an image
+    `source`: a `gan_ray.core.generator.Generator` (n images from `seed`), a `(module, ModelSpec)` pair, an image
     tensor/array [N, C, H, W] in [0, 1], or an `(images, labels)` pair. `dataset`: a name or a `Reference`;
     by default a Generator's own dataset.
     """
-    from gan_ray.core.model_dir import Generator
+    from gan_ray.core.generator import Generator
 
     info: dict[str, Any] = {}
     if isinstance(source, Generator):

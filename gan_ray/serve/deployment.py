@@ -29,8 +29,8 @@ from fastapi import HTTPException
 from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
-from gan_ray.cluster import ensure_ray
-from gan_ray.cluster import shutdown as shutdown_cluster
+from gan_ray.cluster.connect import ensure_ray
+from gan_ray.cluster.connect import shutdown as shutdown_cluster
 from gan_ray.core.errors import UserError, one_line
 from gan_ray.core.model_dir import MODEL_JSON, WEIGHTS, load_generator
 from gan_ray.serve.client import NOT_LOADED
@@ -227,7 +227,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     the deployment. The model is not required here: each replica waits for it (503s until it loads), so an app
     deployed before its model exists becomes ready when it appears instead of failing for good."""
     if not isinstance(args, ServeArgs):
-        args = ServeArgs.model_validate(args)
+        args = ServeArgs.from_mapping(args, source="the app's arguments")
     return bind(args, model_path(args.model))
 
 

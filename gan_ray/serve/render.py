@@ -22,7 +22,9 @@ import torch
 
 from gan_ray.core.errors import UserError
 from gan_ray.core.images import grid_png, lines_png, npz_bytes, text_npz_bytes, tile_pngs
-from gan_ray.core.model_dir import Generator, load_generator, place_text, text_line, text_rows
+from gan_ray.core.generator import Generator
+from gan_ray.core.model_dir import load_generator
+from gan_ray.core.handwriting import place_text, text_line, text_rows
 from gan_ray.core.step import latent_for_seed
 from gan_ray.serve.schema import MAX_TEXT_CELLS, MEDIA, GenerateRequest
 

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from gan_ray.core.errors import UserError
-from gan_ray.core.model_dir import MAX_TEXT, MAX_WRITERS, TEXT_PATTERN, text_line
+from gan_ray.core.settings import Settings
+from gan_ray.core.handwriting import MAX_TEXT, MAX_WRITERS, TEXT_PATTERN, text_line
 
 API_VERSION = "v1"
 APP_NAME = "gan-ray"
@@ -105,12 +106,10 @@ ERRORS = {400: {"model": ErrorBody, "description": "malformed Content-Length hea
 MEDIA = {"png": "image/png", "npz": "application/x-npz", "json": "application/json"}
 
 
-class ServeArgs(BaseModel):
+class ServeArgs(Settings):
     """Arguments of `serve run gan_ray.serve:app model=DIR key=value ...` (and of a config file's `args:`).
 
     Stable: the KubeRay RayService passes the same names."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="exported model directory (gan-ray export / a sweep's best model)")
     min_replicas: int = Field(1, ge=0, description="replicas the autoscaler keeps at least")

@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from gan_ray.cluster import ensure_ray, wait_for_resources, wait_seconds
+from gan_ray.cluster.connect import ensure_ray
+from gan_ray.cluster.autoscaler import wait_for_resources, wait_seconds
+from gan_ray.cluster.resources import Bundle
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import describe_dataset
 from gan_ray.core.errors import UserError
@@ -21,29 +23,19 @@ from gan_ray.core.run_dir import (METRICS_FILE, check_compatible, finished_epoch
 from gan_ray.train.worker import EpochHook, train_loop_per_worker
 
 
+def worker_bundles(cfg: TrainConfig) -> list[Bundle]:
+    """The run's placement group: one bundle per worker."""
+    bundle = {"CPU": float(cfg.cpus_per_worker)}
+    if cfg.gpus_per_worker:
+        bundle["GPU"] = float(cfg.gpus_per_worker)
+    return [bundle] * cfg.workers
+
+
 def check_resources(cfg: TrainConfig, *, wait_s: float | None = None) -> None:
     """Start only what can run: on a fixed cluster, refuse at once (instead of hanging on a placement group) what
     its nodes cannot hold; on an autoscaling one, refuse what it can never hold and wait (`wait_s`, default
     $GAN_RAY_CLUSTER_WAIT_S or 600 s) for the nodes the autoscaler adds for the rest."""
-    import ray
-
-    bundle = {"CPU": float(cfg.cpus_per_worker)}
-    if cfg.gpus_per_worker:
-        bundle["GPU"] = float(cfg.gpus_per_worker)
-
-    def refuse() -> None:  # a cluster that cannot grow: what it lacks now is what it will always lack
-        total = ray.cluster_resources()
-        need_cpu = cfg.workers * cfg.cpus_per_worker
-        if need_cpu > total.get("CPU", 0):
-            raise UserError(f"--workers {cfg.workers} x {cfg.cpus_per_worker:g} CPU needs {need_cpu:g} CPUs but "
-                            f"the cluster has {total.get('CPU', 0):g}")
-        need_gpu = cfg.workers * cfg.gpus_per_worker
-        if need_gpu > total.get("GPU", 0):
-            raise UserError(f"--workers {cfg.workers} x --gpus-per-worker {cfg.gpus_per_worker:g} needs "
-                            f"{need_gpu:g} GPUs but the cluster has {total.get('GPU', 0):g}")
-
-    wait_for_resources([bundle] * cfg.workers, f"--workers {cfg.workers}", timeout_s=wait_seconds(wait_s),
-                       refuse=refuse)
+    wait_for_resources(worker_bundles(cfg), f"--workers {cfg.workers}", timeout_s=wait_seconds(wait_s))
 
 
 class ProgressPrinter(threading.Thread):

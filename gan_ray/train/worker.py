@@ -132,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     _quiet_worker_logs()
-    cfg = TrainConfig.from_dict(config["train"])
+    cfg = TrainConfig.from_mapping(config["train"])
     hooks: list[EpochHook] = config.get("hooks", [])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from gan_ray.core.config import TrainConfig, coerce, field_types, flag_name, validation_message
+from gan_ray.core.config import TrainConfig
 from gan_ray.core.errors import UserError
+from gan_ray.core.settings import RunName, Settings, field_kind, flag_name
 
 # The objective: every trial reports `fd` (lower is better) each epoch; ASHA rungs and PBT intervals count epochs
 # (robust to restarts, unlike Tune's training_iteration).
@@ -53,8 +54,8 @@ class Choice:
 Dimension = Union[Range, Choice]
 
 DRIVER_CPU = 0.01  # a trial's driver only waits on Train; it must not take a worker's CPU slot
-SCHEDULERS = ("asha", "pbt", "none")
-SEARCHERS = ("random", "optuna")
+Scheduler = Literal["asha", "pbt", "none"]
+Searcher = Literal["random", "optuna"]
 
 DEFAULT_SPACE: dict[str, Dimension] = {
     "lr_g": Range(2e-5, 2e-3),
@@ -104,7 +105,7 @@ def _number(name: str, text: str, where: str) -> float:
 
 def parse_range(name: str, low: Any, high: Any, log: bool, where: str) -> Range:
     """A validated range for a numeric field: low < high, both positive for a log range, integers for ints."""
-    kind = field_types()[name]
+    kind = field_kind(TrainConfig, name)
     if kind not in (int, float):
         raise UserError(f"{where}: a range needs a numeric flag; {flag_name(name)} is {kind.__name__} (use a,b,c)")
     lo, hi = _number(name, str(low), where), _number(name, str(high), where)
@@ -128,7 +129,7 @@ def parse_choice(name: str, values: list, where: str) -> Choice:
         if v == "":
             raise UserError(f"{where}: empty value in choice")
         try:
-            out.append(coerce(name, v))
+            out.append(TrainConfig.parse_value(name, v))
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
     if len(set(out)) != len(out):
@@ -139,7 +140,7 @@ def parse_choice(name: str, values: list, where: str) -> Choice:
 def parse_text(name: str, text: str, where: str | None = None) -> Any:
     """A flag's text -> a fixed value, a Range or a Choice."""
     where = where or f"{flag_name(name)} {text}"
-    kind = field_types()[name]
+    kind = field_kind(TrainConfig, name)
     text = text.strip()
     if kind in (int, float) and ":" in text:
         parts = text.split(":")
@@ -151,7 +152,7 @@ def parse_text(name: str, text: str, where: str | None = None) -> Any:
     if "," in text and not (kind is str and name == "dataset"):
         return parse_choice(name, text.split(","), where)
     try:
-        return coerce(name, text)
+        return TrainConfig.parse_value(name, text)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
 
@@ -172,7 +173,7 @@ def parse_file_value(name: str, value: Any, where: str) -> Any:
             return parse_range(name, arg[0], arg[1], kind == "loguniform", where)
         raise UserError(f"{where}: expected one of loguniform: [lo, hi], uniform: [lo, hi], choice: [...]")
     try:
-        return coerce(name, value)
+        return TrainConfig.parse_value(name, value)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
 
@@ -188,7 +189,7 @@ def build_space(cli_values: Mapping[str, str], file_values: Mapping[str, Any] | 
                 file_name: str = "the space file", use_defaults: bool = True) -> SearchSpace:
     """Merge the default space < the space file < command-line flags into fixed values and dimensions.
 
-    `cli_values` are the flag texts of `add_train_flags(as_strings=True)` that were actually given.
+    `cli_values` are the flag texts of `add_settings_flags` that were actually given.
     """
     parsed: dict[str, Any] = dict(DEFAULT_SPACE) if use_defaults else {}
     for key, value in (file_values or {}).items():
@@ -224,13 +225,13 @@ def corner_configs(space: SearchSpace) -> list[dict[str, Any]]:
 def check_values(space: SearchSpace) -> None:
     """Every value the sweep can draw must make a valid TrainConfig (e.g. `--latent-dim 0,64` fails here)."""
     for values in corner_configs(space):
-        TrainConfig.from_dict(values)
+        TrainConfig.from_mapping(values)
 
 
 def sample_config(space: SearchSpace, draw: Mapping[str, Any]) -> TrainConfig:
     """The TrainConfig of one trial: the fixed values plus the trial's drawn values (coerced to field types)."""
-    values = {**space.fixed, **{k: coerce(k, v) for k, v in draw.items()}}
-    return TrainConfig.from_dict(values)
+    values = {**space.fixed, **{k: TrainConfig.parse_value(k, v) for k, v in draw.items()}}
+    return TrainConfig.from_mapping(values)
 
 
 def space_to_json(space: SearchSpace) -> dict[str, Any]:
@@ -244,64 +245,35 @@ def space_to_json(space: SearchSpace) -> dict[str, Any]:
     return {"fixed": dict(sorted(space.fixed.items())), "dims": dict(sorted(dims.items()))}
 
 
-class SweepSettings(BaseModel):
+class SweepSettings(Settings):
     """How the sweep runs (the space and the fixed training values are in SearchSpace); validated on construction,
     bad values raise UserError naming the flag."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    trials: int = Field(8, description="number of trials")
-    epochs: int = Field(10, description="epochs per trial, at most")
-    scheduler: str = Field("asha", description="asha (stop weak trials early) | pbt (evolve learning rates) | none")
-    grace_period: int = Field(1, description="ASHA: epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(3.0, description="ASHA: at each rung only the best 1/N trials go on")
-    perturbation_interval: Optional[int] = Field(None, description="PBT: epochs between exploit/explore steps "
-                                                                   "(default: about a quarter of --epochs)")
-    search: str = Field("random", description="random | optuna (needs the optuna package)")
-    workers_per_trial: int = Field(1, description="Ray Train workers per trial")
-    gpus_per_worker: float = Field(0.0, description="GPUs per worker; fractions pack several trials on one GPU")
-    cpus_per_worker: Optional[float] = Field(None, description="CPUs per worker (default: fill one CPU per worker "
-                                                               "together with the trial's driver)")
-    max_concurrent: Optional[int] = Field(None, description="trials running at once (default: as many as the "
-                                                            "cluster can hold)")
+    trials: int = Field(8, ge=1, description="number of trials")
+    epochs: int = Field(10, ge=1, description="epochs per trial, at most")
+    scheduler: Scheduler = Field("asha", description="asha (stop weak trials early) | pbt (evolve learning rates) "
+                                                     "| none")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA: at each rung only the best 1/N trials go on")
+    perturbation_interval: Optional[int] = Field(None, ge=1, description="PBT: epochs between exploit/explore steps "
+                                                                         "(default: about a quarter of --epochs)")
+    search: Searcher = Field("random", description="random | optuna (needs the optuna package)")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers per trial")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; fractions pack several trials on one GPU")
+    cpus_per_worker: Optional[float] = Field(None, gt=0, description="CPUs per worker (default: fill one CPU per "
+                                                                     "worker together with the trial's driver)")
+    max_concurrent: Optional[int] = Field(None, ge=1, description="trials running at once (default: as many as the "
+                                                                  "cluster can hold)")
     storage: str = Field("./runs", description="root directory of sweeps")
-    name: str = Field("sweep", description="sweep name; re-using it resumes the sweep")
+    name: RunName = Field("sweep", description="sweep name; re-using it resumes the sweep")
     seed: int = Field(0, description="seeds the search and every trial's training")
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            raise UserError(validation_message(exc)) from None
 
     @model_validator(mode="after")
     def _check(self) -> "SweepSettings":
-        if self.trials < 1:
-            raise ValueError(f"--trials must be a positive integer, got {self.trials}")
-        if self.epochs < 1:
-            raise ValueError(f"--epochs must be a positive integer, got {self.epochs}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown --scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if self.search not in SEARCHERS:
-            raise ValueError(f"unknown --search {self.search!r}; choose one of {', '.join(SEARCHERS)}")
-        if self.grace_period < 1 or self.grace_period > self.epochs:
+        if self.grace_period > self.epochs:
             raise ValueError(f"--grace-period must lie in 1..--epochs ({self.epochs}), got {self.grace_period}")
-        if not self.reduction_factor > 1:
-            raise ValueError(f"--reduction-factor must be greater than 1, got {self.reduction_factor}")
         if self.perturbation_interval is None:
             object.__setattr__(self, "perturbation_interval", max(1, self.epochs // 4))
-        if self.perturbation_interval < 1:
-            raise ValueError(f"--perturbation-interval must be a positive integer, got {self.perturbation_interval}")
-        if self.workers_per_trial < 1:
-            raise ValueError(f"--workers-per-trial must be a positive integer, got {self.workers_per_trial}")
-        if self.gpus_per_worker < 0:
-            raise ValueError(f"--gpus-per-worker must not be negative, got {self.gpus_per_worker}")
-        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
-            raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ValueError(f"--max-concurrent must be a positive integer, got {self.max_concurrent}")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ValueError(f"--name must be a plain directory name, got {self.name!r}")
         if self.search == "optuna":
             import importlib.util
 

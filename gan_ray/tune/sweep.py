@@ -10,15 +10,15 @@ nodes for its first trial are there.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gan_ray.cluster import (Autoscaler, Bundle, describe, ensure_ray, fits_now, never_fits, wait_for_resources,
-                             wait_seconds)
+from gan_ray.cluster.autoscaler import Autoscaler, never_fits, wait_for_resources, wait_seconds
+from gan_ray.cluster.connect import ensure_ray
+from gan_ray.cluster.resources import Bundle, cannot_hold, describe, fits_now, how_many, node_resources
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import describe_dataset
 from gan_ray.core.env import scoped_env
@@ -50,41 +50,28 @@ class SweepResult:
     extra: dict = field(default_factory=dict)
 
 
-def trial_need(settings: SweepSettings) -> dict[str, float]:
-    """Resources one trial holds while it runs: driver + workers (the controller takes none)."""
-    need = {"CPU": DRIVER_CPU + settings.workers_per_trial * settings.worker_cpus}
-    if settings.gpus_per_worker:
-        need["GPU"] = settings.workers_per_trial * settings.gpus_per_worker
-    return need
-
-
 def trial_bundles(settings: SweepSettings) -> list[Bundle]:
-    """One trial's placement groups as bundles: its driver (Tune's) and its workers (Train's)."""
+    """One trial's placement groups as bundles: its driver (Tune's) and its workers (Train's; the controller
+    takes none)."""
     worker = {"CPU": float(settings.worker_cpus)}
     if settings.gpus_per_worker:
         worker["GPU"] = float(settings.gpus_per_worker)
     return [{"CPU": DRIVER_CPU}] + [worker] * settings.workers_per_trial
 
 
-def capacity(total: dict[str, float], need: dict[str, float]) -> int:
-    """How many trials fit at once in `total` (Ray counts resources in units of 1e-4)."""
-    fits = [math.floor(total.get(k, 0.0) / v + 1e-6) for k, v in need.items() if v > 0]
-    return max(0, min(fits)) if fits else 0
-
-
-def resolve_concurrency(settings: SweepSettings, total: dict[str, float]) -> int:
-    """--max-concurrent, checked against the cluster, or (default) as many trials as it can hold."""
-    need = trial_need(settings)
-    fit = capacity(total, need)
-    described = ", ".join(f"{v:g} {k}" for k, v in need.items())
-    have = ", ".join(f"{total.get(k, 0):g} {k}" for k in need)
+def resolve_concurrency(settings: SweepSettings, nodes: list[Bundle]) -> int:
+    """On a cluster that cannot grow: --max-concurrent, checked against its nodes, or (default) as many trials
+    as they hold at once (the same packing by node as `train`'s check: `gan_ray.cluster.resources`)."""
+    trial = trial_bundles(settings)
+    want = min(settings.max_concurrent or settings.trials, settings.trials)
+    fit = how_many(trial, nodes, want)
+    what = f"one trial (--workers-per-trial {settings.workers_per_trial})"
     if fit < 1:
-        raise UserError(f"one trial needs {described} (--workers-per-trial {settings.workers_per_trial}) but the "
-                        f"cluster has {have}")
-    if settings.max_concurrent is not None and settings.max_concurrent > fit:
-        raise UserError(f"--max-concurrent {settings.max_concurrent} needs {settings.max_concurrent} x ({described}) "
-                        f"but the cluster ({have}) holds only {fit} trial(s) at once")
-    return min(settings.max_concurrent or fit, settings.trials)
+        raise UserError(cannot_hold(trial, what, nodes))
+    if settings.max_concurrent is not None and fit < want:
+        raise UserError(cannot_hold(trial * want, f"--max-concurrent {settings.max_concurrent}", nodes)
+                        + f"; they hold {fit} trial(s) at once")
+    return fit
 
 
 def plan_concurrency(settings: SweepSettings, *, wait_s: float | None = None) -> int:
@@ -92,15 +79,13 @@ def plan_concurrency(settings: SweepSettings, *, wait_s: float | None = None) ->
     autoscaling one, as many as it can grow to hold (each a verdict of its autoscaler: --max-concurrent, else the
     largest count up to --trials), refused at once if not even one trial ever fits, then waiting (`wait_s`) for
     the nodes of one trial while the autoscaler launches those of all of them."""
-    import ray
-
     trial = trial_bundles(settings)
     want = min(settings.max_concurrent or settings.trials, settings.trials)
     if fits_now(trial * want):
         return want
     scaler = Autoscaler.of_this_cluster()
     if scaler is None:
-        return resolve_concurrency(settings, ray.cluster_resources())
+        return resolve_concurrency(settings, node_resources())
     described = describe(trial)
     what = f"one trial (--workers-per-trial {settings.workers_per_trial})"
     with scaler.requesting():
@@ -120,8 +105,8 @@ def plan_concurrency(settings: SweepSettings, *, wait_s: float | None = None) ->
                 mid = (low + high) // 2
                 low, high = (mid, high) if scaler.can_hold(trial * mid) else (low, mid)
             concurrency = low
-        wait_for_resources(trial, what, timeout_s=wait_seconds(wait_s), refuse=lambda: None,
-                           hold=trial * concurrency, scaler=scaler, checked=True)
+        wait_for_resources(trial, what, timeout_s=wait_seconds(wait_s), hold=trial * concurrency, scaler=scaler,
+                           checked=True)
     return concurrency
 
 
@@ -153,7 +138,7 @@ def prepare(space: SearchSpace, settings: SweepSettings) -> tuple[dict[str, Any]
     Returns the fixed values of every trial and the config they make with the space's first values."""
     base = base_train_values(space, settings)
     check_values(SearchSpace({**space.fixed, **{k: v for k, v in base.items()}}, space.dims))
-    base_cfg = TrainConfig.from_dict(base)
+    base_cfg = TrainConfig.from_mapping(base)
     describe_dataset(base_cfg)
     if settings.path.exists() and not settings.path.is_dir():
         raise UserError(f"{settings.path} exists and is not a directory")
@@ -232,7 +217,7 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
                          extra={"seconds": time.time() - t0, "concurrency": concurrency})
     if best is not None:
         meta = json.loads((Path(best.best_checkpoint) / "config.json").read_text())
-        result.best_config = TrainConfig.from_dict(meta["config"])
+        result.best_config = TrainConfig.from_mapping(meta["config"])
     if export is not None and not interrupted:
         if best is None:
             raise UserError(f"no trial of {exp} produced a scored checkpoint; nothing to export")

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
-from gan_ray.core.config import TrainConfig, coerce
+from gan_ray.core.config import TrainConfig
 from gan_ray.core.errors import UserError
 from gan_ray.core.run_dir import check_compatible, prepare_run_dir
 from gan_ray.train.driver import trainer_for
@@ -38,8 +38,8 @@ def fd_hooks(cfg: TrainConfig) -> list:
 
 
 def trial_config(base: dict[str, Any], draw: dict[str, Any], trial_dir: Path, run_name: str) -> TrainConfig:
-    values = {**base, **{k: coerce(k, v) for k, v in draw.items()}, "storage": str(trial_dir), "name": run_name}
-    return TrainConfig.from_dict(values)
+    values = {**base, **{k: TrainConfig.parse_value(k, v) for k, v in draw.items()}, "storage": str(trial_dir), "name": run_name}
+    return TrainConfig.from_mapping(values)
 
 
 class CheckpointBridge(UserCallback):

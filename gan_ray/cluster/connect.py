@@ -1,0 +1,101 @@
+"""The Ray cluster a command runs on: join one (`--address`, RAY_ADDRESS) or start a local one, and end it.
+
+Every Ray layer (Train, Tune, Serve, the benchmarks) connects through `ensure_ray`, so a local cluster always
+starts the same way, whichever command starts it: its Serve front door chosen first (`gan_ray.cluster.ingress`),
+quiet, and remembered.
+
+A cluster this process started is also this process's to stop: `shutdown()` ends Ray and then every process of
+that cluster still alive (Ray leaves its dashboard and runtime-env agents, and an HAProxy started by a reload
+during shutdown, running after the driver exits), so a stopped command leaves no process and no bound port.
+Joining a cluster only disconnects from it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from gan_ray.cluster import processes
+from gan_ray.cluster.ingress import apply_to_local_cluster
+from gan_ray.core.errors import UserError, one_line
+
+# The worker setup hook of local clusters (gan_ray.cluster.ingress): HAProxy's side ports on localhost.
+SETUP_HOOK = "gan_ray.cluster.ingress.haproxy_side_ports_setup"
+
+_local: dict[str, Any] = {}  # the local cluster this process started: its session directory and our pid
+
+
+def init_local(ingress: str | None = None, **kwargs: Any) -> None:
+    """Start a local Ray cluster the way every gan-ray command does: the Serve front door chosen first, HAProxy's
+    side ports on localhost, and its session remembered so that `shutdown()` can make sure all of it ends."""
+    import ray
+
+    apply_to_local_cluster(ingress)
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
+    ray.init(runtime_env=runtime_env, **kwargs)
+    node = ray._private.worker._global_node
+    _local.update(session_dir=node.get_session_dir_path() if node else None, owner=os.getpid())
+
+
+def ensure_ray(address: str | None, ingress: str | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a local cluster, quietly, whose Serve uses the
+    `ingress` front door (it must be chosen before the cluster's processes start). A SIGTERM handler the caller
+    installed (the CLI's) survives: ray.init replaces it with its own."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        if address:  # quiet: Ray's "Connecting to existing Ray cluster" lines would break one-line errors
+            ray.init(address=address, configure_logging=True, logging_level="ERROR")
+        else:
+            # A local cluster is ours: keep its start-up quiet (its token-auth notice included) so the console
+            # shows the run's progress and errors, each on one line.
+            init_local(ingress, configure_logging=True, logging_level="ERROR")
+    except ConnectionError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {one_line(str(exc).splitlines()[0])}") from None
+    finally:
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _marks(pids: set[int]) -> set[str]:
+    """Strings that name this cluster in a command line: its session directory and its HAProxy's config directory
+    (a reload may start a new HAProxy after the snapshot, as a child of a process that is about to die)."""
+    marks = {_local["session_dir"]} if _local.get("session_dir") else set()
+    for pid in pids:
+        cmd = processes.command_line(pid)
+        if "haproxy" in cmd and " -f " in cmd:
+            marks.add(os.path.dirname(cmd.split(" -f ", 1)[1].split()[0]) + "/")
+    return marks
+
+
+def shutdown(grace_s: float = 3.0) -> list[int]:
+    """Shut Ray down; if this process started the local cluster, end every one of its processes still alive
+    afterwards (SIGTERM, then SIGKILL after `grace_s`). Returns the pids that had to be ended. Joining a remote
+    cluster only disconnects."""
+    if "ray" not in sys.modules:  # this command never touched Ray (and importing it now would cost a second)
+        return []
+    import ray
+
+    ours = _local.get("owner") == os.getpid()
+    pids = processes.descendants(os.getpid()) if ours else set()
+    marks = _marks(pids) if ours else set()
+    if ray.is_initialized():
+        ray.shutdown()
+    if not ours:
+        return []
+    _local.clear()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:  # give ray.shutdown's own kills a moment to land
+        left = (processes.alive(pids) | processes.naming(marks)) - {os.getpid()}
+        if not left:
+            return []
+        time.sleep(0.2)
+    return sorted(processes.end(left, grace_s))
