@@ -68,17 +68,52 @@ def _all_reduce_epoch(res, world_size: int, device: torch.device) -> dict[str, f
     return out
 
 
-def weights_digest(state: GANState) -> str:
-    """A short hash of this rank's G and D weights, bit for bit: equal on every rank when DDP keeps them in sync."""
-    import hashlib
-
+def _networks(state: GANState) -> list[torch.nn.Module]:
+    """G, D and the EMA generator as plain modules: everything a checkpoint, an evaluation or an export reads."""
     from gan_ray.core.step import unwrap
 
+    return [unwrap(state.G), unwrap(state.D)] + ([state.G_ema] if state.G_ema is not None else [])
+
+
+def sync_buffers(state: GANState, world_size: int) -> None:
+    """Average the floating-point buffers of G, D and the EMA generator (BatchNorm's running mean and variance)
+    over ranks, in place, so that every rank holds the same ones.
+
+    DDP keeps parameters equal (identical averaged gradients, identical optimisers), but its per-forward buffer
+    broadcast is off (`ddp_buffer_kwargs`), so each rank's BatchNorm statistics follow its own shard and drift
+    apart. Normalisation in training uses the batch's own statistics either way; the running ones matter only in
+    eval mode: sample grids, evaluation, checkpoints and the exported model. So they are averaged once, at the end
+    of every epoch, before anything reads them: the mean of the ranks' running means is the running mean over
+    the global batch (equal shards), and the mean of their variances misses only the spread between shard means.
+    SyncBatchNorm would normalise with global statistics instead, but it needs an all-gather per BatchNorm layer
+    in each of G's three forwards per step, and PyTorch's implementation refuses CPU tensors (gloo workers)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return
+    buffers = [b for net in _networks(state) for b in net.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat)  # every rank receives the same sum
+    flat /= world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def weights_digest(state: GANState, part: str = "parameters") -> str:
+    """A short hash of this rank's G, D and EMA generator, bit for bit: their `parameters` (DDP keeps them equal on
+    every rank) or their `buffers` (BatchNorm statistics: equal once `sync_buffers` has run)."""
+    import hashlib
+
     h = hashlib.sha256()
-    for net in (unwrap(state.G), unwrap(state.D)):
-        for name, p in sorted(net.state_dict().items()):
+    for net in _networks(state):
+        tensors = net.named_parameters() if part == "parameters" else net.named_buffers()
+        for name, t in sorted(tensors, key=lambda item: item[0]):
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -90,6 +125,16 @@ def _gather_digests(digest: str, world_size: int) -> list[str]:
     out: list[Any] = [None] * world_size
     dist.all_gather_object(out, digest)
     return out
+
+
+def rank_disagreement(metrics: dict[str, Any]) -> str | None:
+    """The warning for a checkpoint at which the ranks do not hold the same weights or statistics (None if they
+    do): which rank's state a checkpoint, an evaluation or an export took would then be left to chance."""
+    parts = [part for part in ("weights_digest", "buffers_digest") if len(set(metrics.get(part, ()))) > 1]
+    if not parts:
+        return None
+    what = " and ".join({"weights_digest": "parameters", "buffers_digest": "BatchNorm statistics"}[p] for p in parts)
+    return f"the ranks' {what} differ at epoch {metrics['epoch']} (digests {metrics[parts[0]]}): rank 0's are saved"
 
 
 def _agree(stop: bool, world_size: int, device: torch.device) -> bool:
@@ -183,9 +228,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    **_all_reduce_epoch(res, world, device)}
         if restored_from is not None and epoch == start_epoch:
             metrics["restored_from"] = restored_from
+        sync_buffers(state, world)  # before anything reads the running statistics (grids, hooks, checkpoints)
         is_ckpt = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
-        if is_ckpt:  # each rank's weights, bit for bit: DDP keeps them equal (tests check this is so)
-            metrics["weights_digest"] = _gather_digests(weights_digest(state), world)
+        if is_ckpt:  # each rank's state, bit for bit: equal on every rank (tests check this is so)
+            metrics["weights_digest"] = _gather_digests(weights_digest(state, "parameters"), world)
+            metrics["buffers_digest"] = _gather_digests(weights_digest(state, "buffers"), world)
         grid = None
         if rank == 0:
             for hook in hooks:
@@ -196,11 +243,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     imgs = sampler(z_fixed.to(device), labels_fixed.to(device) if labels_fixed is not None else None)
                 grid = grid_png(imgs, nrow=spec.num_classes or 8)
                 write_atomic(run_dir / "samples" / f"epoch_{epoch:04d}.png", grid)
-            warning = watch.check(metrics)
-            if warning:
-                metrics["warning"] = warning
-                if cfg.stop_on_collapse:
-                    metrics["stopped"] = warning
+            failed = watch.check(metrics)
+            warnings = [w for w in (rank_disagreement(metrics), failed) if w]
+            if warnings:
+                metrics["warning"] = "; ".join(warnings)
+            if failed and cfg.stop_on_collapse:
+                metrics["stopped"] = failed
             metrics["wall_s"] = round(time.time() - t_epoch, 3)
             metrics["time"] = time.time()
             with open(run_dir / METRICS_FILE, "a") as f:
