@@ -27,14 +27,17 @@ def small_config(tmp_path, name: str, **over) -> TrainConfig:
     return TrainConfig(**{**base, **over})
 
 
+# A small DCGAN: its generator has BatchNorm, whose running statistics DDP does not keep in sync by itself.
+DCGAN = dict(arch="dcgan", g_width=8, d_width=8)
+
+
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
 def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster, storage):
-    # A DCGAN: its generator has BatchNorm, whose running statistics DDP does not keep in sync by itself.
-    cfg = small_config(storage, "resume", arch="dcgan", g_width=8, d_width=8)
+    cfg = small_config(storage, "resume", **DCGAN)
     result = fit(cfg, progress=False)
     assert result.error is None
     run = cfg.run_dir
@@ -70,7 +73,7 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
     assert tags["steps"] == {1, 2, 3} and "samples" in tags["images"]
 
     # Same name, more epochs: continues from epoch 3's checkpoint.
-    cfg5 = small_config(storage, "resume", epochs=5)
+    cfg5 = small_config(storage, "resume", epochs=5, **DCGAN)
     fit(cfg5, progress=False)
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
@@ -83,7 +86,7 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
     assert fit(cfg5, progress=False) is None
     assert len(read_metrics(run / "metrics.jsonl")) == 5
     with pytest.raises(UserError, match="was trained with latent_dim=100; cannot resume it with latent_dim=32"):
-        fit(small_config(storage, "resume", epochs=5, latent_dim=32), progress=False)  # finished, still refused
+        fit(small_config(storage, "resume", epochs=5, latent_dim=32, **DCGAN), progress=False)  # finished, refused
 
 
 def _train_worker_pids() -> list[int]:
