@@ -19,21 +19,38 @@ import time
 from typing import Any
 
 from gan_ray.cluster import processes
-from gan_ray.cluster.ingress import apply_to_local_cluster
+from gan_ray.cluster.ingress import apply_to_local_cluster, haproxy_side_ports_setup
 from gan_ray.core.errors import UserError, one_line
 
-# The worker setup hook of local clusters (gan_ray.cluster.ingress): HAProxy's side ports on localhost.
-SETUP_HOOK = "gan_ray.cluster.ingress.haproxy_side_ports_setup"
+SETUP_HOOK = "gan_ray.cluster.connect.local_worker_setup"  # runs in every worker process of a local cluster
+# Ray Train's preemption watcher (an actor per run polling the nodes' drain state) has nothing to watch on a local
+# cluster, whose nodes no cloud reclaims; and creating it logs an error line (core_worker.cc: "constructor arguments
+# in the object store and max_restarts > 0") on the console of every healthy run. Joined clusters keep it.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 _local: dict[str, Any] = {}  # the local cluster this process started: its session directory and our pid
 
 
+def local_worker_setup() -> None:
+    """Worker setup hook of local clusters (before any task or actor code runs in the process): HAProxy's side
+    ports on localhost (`gan_ray.cluster.ingress`), and RAY_ADDRESS pinned to this cluster: Ray's own actors (Train's
+    placement-group cleaner, say) look a cluster up by themselves, and on a machine running more than one local
+    cluster that lookup fails ("Found multiple active Ray instances"), ending their threads."""
+    import ray
+
+    haproxy_side_ports_setup()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 def init_local(ingress: str | None = None, **kwargs: Any) -> None:
     """Start a local Ray cluster the way every gan-ray command does: the Serve front door chosen first, HAProxy's
-    side ports on localhost, and its session remembered so that `shutdown()` can make sure all of it ends."""
+    side ports on localhost, Ray's lookups pinned to it, and its session remembered so that `shutdown()` can make
+    sure all of it ends. (Its processes inherit this process's environment: flags are set before it starts.)"""
     import ray
 
     apply_to_local_cluster(ingress)
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
     ray.init(runtime_env=runtime_env, **kwargs)

@@ -101,8 +101,9 @@ def apply_to_local_cluster(mode: str | None = None) -> str:
 
 
 def haproxy_side_ports_setup() -> None:
-    """Worker setup hook of local clusters (runs in every worker process, Serve's controller and HAProxy manager
-    among them, before Serve's modules are imported): HAProxy's stats and metrics listeners bind on
+    """Part of the worker setup hook of local clusters (`gan_ray.cluster.connect.local_worker_setup`: it runs in
+    every worker process, Serve's controller and HAProxy manager among them, before Serve's modules are imported):
+    HAProxy's stats and metrics listeners bind on
     $GAN_RAY_HAPROXY_SIDE_HOST (127.0.0.1) instead of every interface. A template Ray 2.60 does not expose."""
     host = os.environ.get(SIDE_HOST_ENV, "127.0.0.1")
     try:
