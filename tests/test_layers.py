@@ -73,6 +73,19 @@ def test_ray_free_layers_import_no_ray(name):
     assert not found, f"{name} imports {found}"
 
 
+def test_ray_free_modules_run_without_ray():
+    """What the static checks above cannot see: a third-party import that pulls Ray in. All the Ray-free modules,
+    the top-level package and `gan-ray evaluate` (a Ray-free command) imported in a fresh interpreter: no Ray."""
+    import subprocess
+    import sys
+
+    names = sorted(n for n in modules() if layer(n) in ("gan_ray.core", "gan_ray.eval")) + sorted(RAY_FREE_MODULES)
+    code = f"import sys, gan_ray, gan_ray.cli.evaluate, {', '.join(names)}; print(sorted(m for m in sys.modules " \
+           "if m == 'ray' or m.startswith('ray.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_ray_free_layers_depend_only_on_ray_free_modules():
     """No path from core/eval (or the Ray-free modules of the Ray layers) into a module that imports Ray."""
     edges = internal_edges()
