@@ -168,12 +168,10 @@ def _list_options(**filters):
     return ListApiOptions(limit=1000, detail=True, filters=[(k, "=", v) for k, v in filters.items()])
 
 
-@pytest.mark.slow
-def test_submitted_training_spans_nodes_and_checkpoints(local_cluster):
-    from ray.util.state import StateApiClient
-    from ray.util.state.common import StateResource
-
-    from gan_ray.jobs import auth_headers
+@pytest.fixture(scope="module")
+def submitted_training(local_cluster) -> dict:
+    """A 2-worker training job submitted to the cluster and followed to its end (`submit --wait`): its output,
+    submission id and last checkpoint, for every test that needs a model trained on the cluster."""
     from gan_ray.core.run_dir import latest_checkpoint
 
     address, storage = local_cluster["address"], local_cluster["storage"]
@@ -181,13 +179,22 @@ def test_submitted_training_spans_nodes_and_checkpoints(local_cluster):
                 "--storage", str(storage), "--name", "e2e", "--sample-every", "0", timeout=240,
                 env=_clean_env())
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
-    assert "SUCCEEDED" in r.stdout and "epoch   2/2" in r.stdout  # the job's own log lines were streamed
-    sub_id = _submission_id(r.stdout)
+    return {"stdout": r.stdout, "submission_id": _submission_id(r.stdout),
+            "checkpoint": latest_checkpoint(storage / "e2e")}
 
-    ckpt = latest_checkpoint(storage / "e2e")
+
+@pytest.mark.slow
+def test_submitted_training_spans_nodes_and_checkpoints(local_cluster, submitted_training):
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import StateResource
+
+    from gan_ray.jobs import auth_headers
+
+    address = local_cluster["address"]
+    stdout, sub_id, ckpt = (submitted_training[k] for k in ("stdout", "submission_id", "checkpoint"))
+    assert "SUCCEEDED" in stdout and "epoch   2/2" in stdout  # the job's own log lines were streamed
     assert ckpt is not None and (ckpt / "state.pt").is_file()
     assert json.loads((ckpt / "config.json").read_text())["epoch"] == 2
-    local_cluster["checkpoint"] = ckpt
 
     # The two Ray Train workers of this job ran on two different nodes (raylets).
     job = _client(address).get_job_info(sub_id)
@@ -230,15 +237,12 @@ def test_auth_token_is_required_and_checked(local_cluster, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_submitted_serve_answers_http(local_cluster, tmp_path):
+def test_submitted_serve_answers_http(local_cluster, submitted_training, tmp_path):
     import requests
 
-    ckpt = local_cluster.get("checkpoint")
-    if ckpt is None:
-        pytest.skip("needs the checkpoint of test_submitted_training_spans_nodes_and_checkpoints")
     from gan_ray.core.model_dir import export
 
-    model = export(ckpt, tmp_path / "model")  # in-process: the export itself is tested elsewhere
+    model = export(submitted_training["checkpoint"], tmp_path / "model")  # in-process: the export itself is tested elsewhere
     port = _free_port(set())
     r = run_cli("submit", "--address", local_cluster["address"], "--", "serve", "--model", str(model),
                 "--host", "127.0.0.1", "--port", str(port), "--max-replicas", "1", timeout=60, env=_clean_env())

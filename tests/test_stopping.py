@@ -44,16 +44,31 @@ def test_train_stops_keeping_its_checkpoint_and_resumes(tmp_path):
     assert rows[-1]["epoch"] == done + 1 and rows[-1]["restored_from"] == done
 
 
-def test_tune_stops_with_its_sweep_saved(tmp_path):
-    cmd = Command("tune", "--trials", "3", "--epochs", "20", "--max-concurrent", "1", "--storage", str(tmp_path),
-                  "--name", "s", "--batch-size", "32", "--sample-every", "0", "--eval-samples", "256")
+def test_tune_stops_with_its_sweep_saved_and_resumes_to_completion(tmp_path):
+    """Stopped in its first trial's first epochs, the sweep is saved; the same command run again finishes it: every
+    trial terminated, the stopped one continued from its checkpoint, a best model exported."""
+    args = ["tune", "--trials", "2", "--epochs", "4", "--max-concurrent", "1", "--scheduler", "none",
+            "--storage", str(tmp_path), "--name", "s", "--batch-size", "32", "--sample-every", "0",
+            "--eval-samples", "256", "--export", str(tmp_path / "best")]
+    cmd = Command(*args)
     try:
-        cmd.wait_for_line(r"\[tune\] \w+\s+epoch 1/", 300)
+        cmd.wait_for_line(r"\[tune\] \w+\s+epoch 2/", 300)  # its epoch-1 checkpoint is Tune's
         assert cmd.stop() == 143
     finally:
         cmd.kill()
     assert "re-run the same command to resume" in stop_line(cmd, "tune")
-    assert (tmp_path / "s" / "sweep.json").exists()
+    assert (tmp_path / "s" / "sweep.json").exists() and not (tmp_path / "best").exists()
+    r = run_cli(*args, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[tune] resuming sweep" in r.stdout
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert len(rows) == 2 and all(row["status"] == "completed" and int(row["epochs"]) == 4 for row in rows), rows
+    lineage = [json.loads(line) for trial in sorted((tmp_path / "s").glob("trial_*"))
+               for line in (trial / "lineage.jsonl").read_text().splitlines()]
+    assert any(row["start"] == "resume" for row in lineage), lineage  # the stopped trial went on, not anew
+    assert (tmp_path / "best" / "model.json").is_file()
 
 
 def test_serve_stops_and_frees_its_ports(tmp_path, serve_models):
