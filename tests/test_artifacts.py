@@ -14,7 +14,7 @@ from gan_ray.core.errors import UserError
 from gan_ray.core.models import ModelSpec, build
 from gan_ray.core.model_dir import export
 from gan_ray.core.step import make_state, train_step
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, cli
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -159,48 +159,40 @@ def test_load_generator_rejects_broken_directories(tmp_path, trained_checkpoint)
 def test_cli_sample_writes_npz_and_png_deterministically(tmp_path, trained_checkpoint):
     d, _ = trained_checkpoint
     for name in ("a.npz", "b.npz"):
-        r = run_cli("sample", "--checkpoint", str(d), "--n", "6", "--labels", "3,3,7,7,1,1", "--seed", "5",
+        r = cli("sample", "--checkpoint", str(d), "--n", "6", "--labels", "3,3,7,7,1,1", "--seed", "5",
                     "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert a["images"].dtype == np.float32 and a["images"].shape == (6, 1, 28, 28)
     assert a["labels"].dtype == np.int64 and a["labels"].tolist() == [3, 3, 7, 7, 1, 1]
     assert np.array_equal(a["images"], b["images"])
-    r = run_cli("sample", "--checkpoint", str(d), "--n", "20", "--out", str(tmp_path / "grid.png"))
+    r = cli("sample", "--checkpoint", str(d), "--n", "20", "--out", str(tmp_path / "grid.png"))
     assert r.returncode == 0 and (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
-    r = run_cli("export", "--checkpoint", str(d), "--out", str(tmp_path / "exported"))
+    r = cli("export", "--checkpoint", str(d), "--out", str(tmp_path / "exported"))
     assert r.returncode == 0, r.stderr
-    r = run_cli("sample", "--model", str(tmp_path / "exported"), "--n", "6", "--labels", "3,3,7,7,1,1",
+    r = cli("sample", "--model", str(tmp_path / "exported"), "--n", "6", "--labels", "3,3,7,7,1,1",
                 "--seed", "5", "--out", str(tmp_path / "c.npz"))
     assert r.returncode == 0 and np.array_equal(np.load(tmp_path / "c.npz")["images"], a["images"])
     # one label for all, as the README's "sixteen 7s" example writes it
-    r = run_cli("sample", "--model", str(tmp_path / "exported"), "--n", "16", "--labels", "7", "--seed", "1",
+    r = cli("sample", "--model", str(tmp_path / "exported"), "--n", "16", "--labels", "7", "--seed", "1",
                 "--out", str(tmp_path / "sevens.npz"))
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "sevens.npz")["labels"].tolist() == [7] * 16
 
 
-def assert_one_line_error(r, *fragments: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for frag in fragments:
-        assert frag in lines[0], lines[0]
-
-
 def test_cli_sample_and_export_reject_bad_sources(tmp_path, trained_checkpoint):
-    assert_one_line_error(run_cli("sample", "--checkpoint", str(tmp_path / "missing"), "--out", "x.npz"),
+    assert_one_line_error(cli("sample", "--checkpoint", str(tmp_path / "missing"), "--out", "x.npz"),
                           "checkpoint not found")
-    assert_one_line_error(run_cli("sample", "--checkpoint", str(tmp_path), "--out", "x.npz"),
+    assert_one_line_error(cli("sample", "--checkpoint", str(tmp_path), "--out", "x.npz"),
                           "not a gan-ray checkpoint")
-    assert_one_line_error(run_cli("export", "--checkpoint", str(tmp_path / "missing"), "--out",
+    assert_one_line_error(cli("export", "--checkpoint", str(tmp_path / "missing"), "--out",
                                   str(tmp_path / "o")), "checkpoint not found")
     assert not (tmp_path / "o").exists(), "nothing half-written"
     out = tmp_path / "samples.npz"
-    assert_one_line_error(run_cli("sample", "--checkpoint", str(trained_checkpoint[0]), "--labels", "4,12",
+    assert_one_line_error(cli("sample", "--checkpoint", str(trained_checkpoint[0]), "--labels", "4,12",
                                   "--n", "2", "--out", str(out)), "0..9")
     assert not out.exists()
-    assert_one_line_error(run_cli("sample", "--checkpoint", str(trained_checkpoint[0]), "--out",
+    assert_one_line_error(cli("sample", "--checkpoint", str(trained_checkpoint[0]), "--out",
                                   str(tmp_path / "x.jpg")), ".npz or .png")
 
 
@@ -209,7 +201,7 @@ def test_unconditional_models_reject_labels(tmp_path):
     G, D = build(spec)
     state = make_state(spec, G, D, lr_g=2e-4, lr_d=2e-4, beta1=0.5)
     d = ckpt_io.save(tmp_path / "ck", state, epoch=1, config=TrainConfig(latent_dim=8).to_dict())
-    r = run_cli("sample", "--checkpoint", str(d), "--labels", "3", "--n", "2", "--out", str(tmp_path / "s.npz"))
+    r = cli("sample", "--checkpoint", str(d), "--labels", "3", "--n", "2", "--out", str(tmp_path / "s.npz"))
     assert_one_line_error(r, "unconditional")
-    r = run_cli("sample", "--checkpoint", str(d), "--n", "3", "--out", str(tmp_path / "s.npz"))
+    r = cli("sample", "--checkpoint", str(d), "--n", "3", "--out", str(tmp_path / "s.npz"))
     assert r.returncode == 0 and np.load(tmp_path / "s.npz")["labels"].tolist() == [-1, -1, -1]

@@ -1,6 +1,6 @@
 """`gan-ray submit --address ...` with addresses that are not a Ray Jobs API: malformed URLs, and real HTTP servers
 that answer the client's version check (GET /api/version) the way a proxy or another web server would. Each is a
-one-line error with exit code 2 from the real console entry point, never a traceback. No Ray cluster needed.
+one-line error with exit code 2 (through the CLI's own main(), in-process), never a traceback. No Ray cluster needed.
 """
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_artifacts import assert_one_line_error
+from tests.conftest import assert_one_line_error, cli
 
 # Neither variable may redirect the client (Ray's JobSubmissionClient prefers them over its address argument).
 CLEAN_ENV = {"RAY_API_SERVER_ADDRESS": "", "RAY_ADDRESS": ""}
@@ -31,13 +30,12 @@ def assert_submit_refused(r, *fragments: str) -> None:
     ("http://[::1", "Invalid IPv6 URL"),
 ])
 def test_malformed_address_is_a_one_line_error(address, reason):
-    r = run_cli("submit", "--address", address, *JOB, env=CLEAN_ENV, timeout=120)
+    r = cli("submit", "--address", address, *JOB, env=CLEAN_ENV)
     assert_submit_refused(r, f"--address {address!r} is not a valid URL", reason)
 
 
 def test_malformed_address_from_the_environment_names_the_variable():
-    r = run_cli("submit", *JOB, env={"RAY_API_SERVER_ADDRESS": "", "RAY_ADDRESS": "http://127.0.0.1:99999"},
-                timeout=120)
+    r = cli("submit", *JOB, env={"RAY_API_SERVER_ADDRESS": "", "RAY_ADDRESS": "http://127.0.0.1:99999"})
     assert_submit_refused(r, "RAY_ADDRESS 'http://127.0.0.1:99999' is not a valid URL")
 
 
@@ -85,7 +83,7 @@ def web_server(request) -> Iterator[tuple[str, list[str]]]:
 ], indirect=["web_server"])
 def test_endpoint_that_is_not_the_jobs_api_is_a_one_line_error(web_server, fragments):
     url, seen = web_server
-    r = run_cli("submit", "--address", url, *JOB, env=CLEAN_ENV, timeout=120)
+    r = cli("submit", "--address", url, *JOB, env=CLEAN_ENV)
     assert_submit_refused(r, f"{url} is not a Ray Jobs API endpoint", *fragments)
     assert seen == ["/api/version"]  # the client really asked this server, once, and nothing was submitted
 
@@ -96,6 +94,6 @@ def test_the_address_flag_wins_over_the_environment(web_server, variable):
     """Ray's client would send to RAY_API_SERVER_ADDRESS / RAY_ADDRESS whatever address it is given; `--address`
     must reach the server it names (here: the one answering 502), not the one in the environment (nothing there)."""
     url, seen = web_server
-    r = run_cli("submit", "--address", url, *JOB, env={**CLEAN_ENV, variable: "http://127.0.0.1:9"}, timeout=120)
+    r = cli("submit", "--address", url, *JOB, env={**CLEAN_ENV, variable: "http://127.0.0.1:9"})
     assert_submit_refused(r, f"{url} is not a Ray Jobs API endpoint", "HTTP 502")
     assert seen == ["/api/version"]

@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from gan_ray.cli import bench, demo, evaluate, export, generate, sample, serve, submit, train, tune
+from gan_ray.cluster.connect import ray_connected
 from gan_ray.cluster.connect import shutdown as shutdown_cluster
 from gan_ray.cli.flags import Parser, Stopping, stopped
 from gan_ray.core.errors import UserError, one_line
@@ -29,8 +30,10 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Whatever happens, a Ray cluster the command started is shut down with every one of its
-    processes before returning (a stopped command leaves no process and no bound port)."""
+    processes before returning (a stopped command leaves no process and no bound port). Called where Ray is
+    already connected (a notebook, a test session), the command runs on that cluster and leaves it as it was."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    connected_before = ray_connected()
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     cmd = f"gan-ray {command}".rstrip()
     parser = build_parser()
@@ -44,5 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = stopped(command or "", "interrupted before it finished")
     finally:
-        shutdown_cluster()
+        if not connected_before:
+            shutdown_cluster()
     return 143 if Stopping.by_sigterm and code != 2 else code

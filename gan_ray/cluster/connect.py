@@ -82,6 +82,15 @@ def ensure_ray(address: str | None, ingress: str | None = None) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
+def ray_connected() -> bool:
+    """Whether this process is connected to a Ray cluster already (without importing Ray if it is not loaded)."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
+
+
 def _marks(pids: set[int]) -> set[str]:
     """Strings that name this cluster in a command line: its session directory and its HAProxy's config directory
     (a reload may start a new HAProxy after the snapshot, as a child of a process that is about to die)."""
