@@ -15,7 +15,7 @@ import requests
 import torch
 
 from gan_ray.core.config import TrainConfig
-from tests.conftest import run_cli, wait_for
+from tests.conftest import cli, wait_for
 from gan_ray.cluster.processes import free_port
 
 
@@ -504,50 +504,48 @@ def test_schemathesis_fuzz_finds_no_server_error(served):
 # ------------------------------------------------------------------------------------------------------ the CLI
 def test_cli_generate_client(served, tmp_path):
     out = tmp_path / "sevens.npz"
-    r = run_cli("generate", "--url", served.cond, "--n", "4", "--labels", "7", "--seed", "1", "--out", str(out),
-                timeout=120)
+    r = cli("generate", "--url", served.cond, "--n", "4", "--labels", "7", "--seed", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     images, labels = npz_arrays(out.read_bytes())
     assert images.shape == (4, 1, 28, 28) and labels.tolist() == [7] * 4
     assert out.read_bytes() == post(served.cond, {"n": 4, "labels": 7, "seed": 1, "format": "npz"}).content
     png = tmp_path / "grid.png"
-    assert run_cli("generate", "--url", served.cond, "--n", "9", "--labels", "1,2,3,1,2,3,1,2,3", "--out",
+    assert cli("generate", "--url", served.cond, "--n", "9", "--labels", "1,2,3,1,2,3,1,2,3", "--out",
                    str(png)).returncode == 0
     assert png_array(png.read_bytes()).shape == (2 * (3 * 30 + 2), 2 * (3 * 30 + 2))
-    bad = run_cli("generate", "--url", served.cond, "--labels", "12", "--out", str(tmp_path / "x.png"))
+    bad = cli("generate", "--url", served.cond, "--labels", "12", "--out", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "0..9" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.png").exists()
-    down = run_cli("generate", "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "y.png"))
+    down = cli("generate", "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "y.png"))
     assert down.returncode == 2 and "cannot reach" in down.stderr
 
 
 def test_cli_generate_text(served, tmp_path):
     out = tmp_path / "year.npz"
-    r = run_cli("generate", "--url", served.cond, "--text", "2026", "--n", "10", "--seed", "4", "--out", str(out),
-                timeout=120)
+    r = cli("generate", "--url", served.cond, "--text", "2026", "--n", "10", "--seed", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "'2026' written by 10 writers" in r.stdout and "seed 4" in r.stdout
     assert out.read_bytes() == post(served.cond, {"text": "2026", "n": 10, "seed": 4, "format": "npz"}).content
     png = tmp_path / "year.png"
-    assert run_cli("generate", "--url", served.cond, "--text", "2026", "--n", "10", "--out",
+    assert cli("generate", "--url", served.cond, "--text", "2026", "--n", "10", "--out",
                    str(png)).returncode == 0
     assert png_array(png.read_bytes()).shape == (2 * (10 * 30 + 2), 2 * (4 * 30 + 2))
     for args, mentions in [(["--text", "20x6"], "text"), (["--text", "1" * 64, "--n", "17"], "1024"),
                            (["--text", "1", "--labels", "1"], "not both")]:
-        bad = run_cli("generate", "--url", served.cond, *args, "--out", str(tmp_path / "x.png"))
+        bad = cli("generate", "--url", served.cond, *args, "--out", str(tmp_path / "x.png"))
         assert bad.returncode == 2 and mentions in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_serve_refuses_missing_or_corrupt_model(tmp_path):
     """Before anything is served (no Ray is started: this fails in about a second)."""
-    r = run_cli("serve", "--model", str(tmp_path / "nope"), timeout=60)
+    r = cli("serve", "--model", str(tmp_path / "nope"))
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "model.json").write_text("{not json")
     (corrupt / "generator.safetensors").write_bytes(b"garbage")
-    r = run_cli("serve", "--model", str(corrupt), timeout=60)
+    r = cli("serve", "--model", str(corrupt))
     assert r.returncode == 2 and "malformed" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -558,8 +556,8 @@ def test_serve_build_writes_a_valid_deploy_config(serve_models, tmp_path):
     from gan_ray.serve.schema import ServeArgs
 
     out = tmp_path / "serve.yaml"
-    r = run_cli("serve", "--model", str(serve_models["conditional"]), "--build", "--max-replicas", "3",
-                "--target-ongoing", "4", "--out", str(out), timeout=120)
+    r = cli("serve", "--model", str(serve_models["conditional"]), "--build", "--max-replicas", "3",
+                "--target-ongoing", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     config = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
     (app_cfg,) = config.applications
@@ -570,6 +568,6 @@ def test_serve_build_writes_a_valid_deploy_config(serve_models, tmp_path):
     packaged = Path(__file__).resolve().parents[1] / "gan_ray" / "serve" / "serve_config.yaml"
     (pkg_app,) = ServeDeploySchema.model_validate(yaml.safe_load(packaged.read_text())).applications
     assert pkg_app.import_path == "gan_ray.serve:app" and ServeArgs.model_validate(pkg_app.args).model
-    r = run_cli("serve", "--model", str(serve_models["conditional"]), "--build", "--max-ongoing", "4",
+    r = cli("serve", "--model", str(serve_models["conditional"]), "--build", "--max-ongoing", "4",
                 "--target-ongoing", "8")
     assert r.returncode == 2 and "must exceed" in r.stderr
