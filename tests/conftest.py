@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gan_ray.cluster import processes
-from gan_ray.cluster.processes import alive, bindable, command_line, listening_ports, port_holders
+from gan_ray.cluster.processes import alive, bindable, command_line, free_port, listening_ports, port_holders
+from gan_ray.core.config import TrainConfig
 
 # One intra-op thread per test process: the machines have 2 cores, and Ray workers run beside the tests.
 torch.set_num_threads(1)
@@ -229,3 +230,67 @@ class Command:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+
+# --------------------------------------------------------------------------------------------- served models
+def train_model_dir(root: Path, *, conditional: bool, steps: int = 400, seed: int = 0) -> Path:
+    """A real exported model in seconds: the MLP GAN trained in-process on digits with gan_ray.core.step (no Ray
+    Train), checkpointed with gan_ray.core.checkpoint and exported with gan_ray.registry."""
+    from gan_ray.core import checkpoint
+    from gan_ray.core.data import load_dataset
+    from gan_ray.core.models import ModelSpec, build
+    from gan_ray.core.model_dir import export
+    from gan_ray.core.step import make_state, train_step
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)  # 2 cores shared with Ray: more threads only spin
+    cfg = TrainConfig(dataset="digits", arch="mlp", conditional=conditional, batch_size=64, epochs=1,
+                      ema_halflife_kimg=2.0, seed=seed)
+    data = load_dataset("digits")
+    spec = ModelSpec("mlp", cfg.latent_dim, data.shape, data.num_classes if conditional else 0)
+    G, D = build(spec)
+    state = make_state(spec, G, D, lr_g=cfg.lr_g, lr_d=cfg.lr_d, beta1=cfg.beta1, ema_halflife_kimg=2.0)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        real, labels = data.batch(idx)
+        train_step(state, real, labels if conditional else None)
+    name = "conditional" if conditional else "unconditional"
+    ckpt = checkpoint.save(root / f"ckpt-{name}", state, epoch=1, config=cfg.to_dict())
+    return export(ckpt, root / f"model-{name}")
+
+
+COND_STEPS = 200  # a real (if young) conditional GAN: enough to test the plumbing, seconds to train
+UNCOND_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def serve_models(tmp_path_factory) -> dict[str, Path]:
+    """One conditional and one unconditional exported model, shared by the serve test modules."""
+    root = tmp_path_factory.mktemp("serve-models")
+    return {"conditional": train_model_dir(root, conditional=True, steps=COND_STEPS),
+            "unconditional": train_model_dir(root, conditional=False, steps=UNCOND_STEPS)}
+
+
+def start_serve(ray_cluster) -> None:
+    """Serve on the session cluster, on a free port unless another module already started it."""
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+
+
+def deploy(name: str, model_dir: Path, **options) -> str:
+    """Deploy the app exactly as `serve run gan_ray.serve:app model=DIR` would (Ray's own builder call) under
+    /<name>, and return its base URL once it answers."""
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray._common.utils import import_attr
+
+    from gan_ray.serve.deployment import http_url
+    from gan_ray.serve.client import wait_ready
+
+    builder = import_attr("gan_ray.serve:app")
+    app = call_user_app_builder_with_args_if_necessary(builder, {"model": str(model_dir), **options})
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    url = f"{http_url()}/{name}"
+    wait_ready(url, timeout_s=120)
+    return url

@@ -44,6 +44,7 @@ def test_bench_images_fill_the_model_shape(arch, size):
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0 and float(images.std()) > 0.1  # real digits
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_bench_measures_both_sides_and_the_summary_tabulates_them(ray_cluster, tmp_path, capsys):
     from gan_ray.cli import main

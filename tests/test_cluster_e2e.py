@@ -1,5 +1,5 @@
-"""`gan-ray submit` against a real multi-node Ray cluster on this machine (cluster/local.sh), plus the submit
-command's own input checks.
+"""`gan-ray submit` against a real multi-node Ray cluster on this machine (cluster/local.sh: the e2e tier), one job
+to the session's cluster (`make test`'s check of Ray Jobs), plus the submit command's own input checks.
 
 The cluster is this module's own (`ray start` processes with their own ports and temp dir), separate from the
 session `ray_cluster` fixture; nothing here touches os.environ, so RAY_ADDRESS cannot leak into other tests.
@@ -88,6 +88,7 @@ def _client(address: str):
     return JobSubmissionClient(address, headers=auth_headers(address)[0])
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_local_cluster_has_separate_nodes(local_cluster):
     from ray.util.state import StateApiClient
@@ -108,6 +109,7 @@ def test_local_cluster_has_separate_nodes(local_cluster):
 
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_first_jobs_after_up_succeed_with_the_default_relative_storage(local_cluster):
     """The first job after `up` used to die in Path.resolve(): both nodes shared one temp directory, and the
@@ -123,6 +125,7 @@ def test_the_first_jobs_after_up_succeed_with_the_default_relative_storage(local
         assert "--storage ./runs is relative: on the cluster" in r.stderr, r.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_submit_wait_stops_following_on_sigterm_and_the_job_runs_on(local_cluster, tmp_path):
     """SIGTERM to `gan-ray submit --wait` (docker stop, kubectl delete) stops the following, like Ctrl-C: one line
@@ -183,6 +186,7 @@ def submitted_training(local_cluster) -> dict:
             "checkpoint": latest_checkpoint(storage / "e2e")}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_submitted_training_spans_nodes_and_checkpoints(local_cluster, submitted_training):
     from ray.util.state import StateApiClient
@@ -205,6 +209,7 @@ def test_submitted_training_spans_nodes_and_checkpoints(local_cluster, submitted
     assert len({w.node_id for w in workers}) == 2, [w.node_id for w in workers]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_failed_job_fails_the_command(local_cluster):
     """A command that parses here but fails on the cluster (no such checkpoint there): the job FAILS and so does
@@ -217,6 +222,7 @@ def test_failed_job_fails_the_command(local_cluster):
     assert not (local_cluster["storage"] / "never").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_auth_token_is_required_and_checked(local_cluster, tmp_path, monkeypatch, capsys):
     from gan_ray.cli import main
@@ -236,6 +242,7 @@ def test_auth_token_is_required_and_checked(local_cluster, tmp_path, monkeypatch
     assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_submitted_serve_answers_http(local_cluster, submitted_training, tmp_path):
     import requests
@@ -271,6 +278,29 @@ def test_submitted_serve_answers_http(local_cluster, submitted_training, tmp_pat
         assert served == json.loads((model / "model.json").read_text())  # the model this job was told to serve
     finally:
         client.stop_job(sub_id)
+
+
+# -------------------------------------------------------------------------- the session's cluster
+@pytest.mark.slow
+def test_a_job_submitted_to_the_session_cluster_runs_and_a_wrong_token_is_refused(ray_cluster, serve_models,
+                                                                                  tmp_path):
+    """`make test`'s check of Ray Jobs, on the session's cluster (token auth on, as every local cluster): the
+    project is shipped as the job's working directory, the job runs `gan-ray sample` there and `submit --wait`
+    streams its log and succeeds; the same submission with a wrong token is one line, exit 2."""
+    from tests.conftest import assert_one_line_error, cli
+
+    address = f"http://{ray_cluster._private.worker.get_dashboard_url()}"
+    checkpoint = serve_models["conditional"].parent / "ckpt-conditional"
+    out = tmp_path / "sevens.npz"
+    job = ["--", "sample", "--checkpoint", str(checkpoint), "--n", "4", "--labels", "7", "--out", str(out)]
+    clean = {"RAY_ADDRESS": "", "RAY_API_SERVER_ADDRESS": ""}
+    r = cli("submit", "--address", address, "--wait", *job, env=clean)
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "wrote 4 images" in r.stdout  # the job's own output, streamed back
+    with __import__("numpy").load(out) as z:
+        assert z["labels"].tolist() == [7] * 4
+    refused = cli("submit", "--address", address, *job, env={**clean, "RAY_AUTH_TOKEN": "not-the-token"})
+    assert_one_line_error(refused, "rejected the auth token from RAY_AUTH_TOKEN")
 
 
 # -------------------------------------------------------------------------- input checks (no cluster)

@@ -1,8 +1,12 @@
 """Every `gan-ray` command shown in the README and docs runs, so an example cannot rot: each is run as written,
 with its paths pointed at test fixtures (a model, a run, a server), its sizes made small (epochs, trials,
-steps, seconds: flags appended after the documented ones, which win) and, for Train, Tune and Serve, the
-session's Ray cluster joined. What this machine cannot do is named and skipped: a GPU, a dataset download, a
-remote cluster. `submit` examples run in tests/test_cluster_e2e.py, against its own cluster."""
+steps, seconds: flags appended after the documented ones, which win) and the session's Ray cluster joined: in
+this process through the CLI's own main(), except `serve`, which runs until stopped (its own process, joining
+the session's cluster by address). What this machine cannot do is named and skipped: a GPU, a dataset download,
+a remote cluster. `submit` examples run in tests/test_cluster_e2e.py, against its own cluster.
+
+The commands that start Ray work (train, tune, bench, bench-serve, serve) are the e2e tier; the rest (sample,
+export, evaluate, generate, serve --build) run in `make test`."""
 from __future__ import annotations
 
 import re
@@ -13,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Command, run_cli
+from tests.conftest import Command, cli, deploy, start_serve
 from tests.test_docs import COMMANDS
-from tests.test_serve import deploy, serve_models, start_serve  # noqa: F401  (serve_models is a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +106,7 @@ def localise(argv: list[str], world: dict, out_dir: Path) -> list[str]:
         next(it, None)  # the value was replaced
     if out[0] == "generate" and "--url" not in out:
         out += ["--url", world["url"]]
-    if out[0] in ("train", "tune", "bench") and "--address" not in out:
+    if out[0] in ("train", "tune", "bench", "serve") and "--address" not in out and "--build" not in out:
         out += ["--address", world["address"]]  # join the session's cluster (a cluster start saved per command)
     if out[0] == "serve" and "--port" not in out:
         from gan_ray.cluster.processes import free_port
@@ -115,9 +118,14 @@ def localise(argv: list[str], world: dict, out_dir: Path) -> list[str]:
 
 
 RUNNABLE = list({tuple(a): (w, a) for w, a in reversed(COMMANDS)}.values())[::-1]  # each distinct command once
+RAY_WORK = ("train", "tune", "bench", "bench-serve", "serve")
 
 
-@pytest.mark.parametrize("where, argv", RUNNABLE, ids=[w for w, _ in RUNNABLE])
+def tier(argv: list[str]):
+    return pytest.mark.e2e if argv[0] in RAY_WORK and "--build" not in argv else pytest.mark.slow
+
+
+@pytest.mark.parametrize("where, argv", [pytest.param(w, a, marks=tier(a), id=w) for w, a in RUNNABLE])
 def test_documented_command_runs(where, argv, world, tmp_path):
     reason = why_not_here(argv)
     if reason:
@@ -126,20 +134,16 @@ def test_documented_command_runs(where, argv, world, tmp_path):
     if args[0] == "serve" and "--build" not in args:  # runs until stopped: start it, query it, stop it
         import requests
 
-        joined = "--address" in args
         cmd = Command(*args)
         try:
             line = cmd.wait_for_line(r"^serving ", 240)
             url = re.search(r" at (http://\S+)", line).group(1)
             assert requests.get(url + "/healthz", timeout=10).status_code == 200
-            if joined:  # the cluster is the session's: only the command's own process ends
-                cmd.proc.send_signal(signal.SIGTERM)
-                rc = cmd.proc.wait(timeout=120)
-            else:
-                rc = cmd.stop(signal.SIGTERM)
+            cmd.proc.send_signal(signal.SIGTERM)  # the cluster is the session's: only the command's process ends
+            rc = cmd.proc.wait(timeout=120)
         finally:
             cmd.kill()
         assert rc == 143, cmd.text()[-2000:]
         return
-    r = run_cli(*args, timeout=900)
+    r = cli(*args)
     assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"

@@ -174,6 +174,7 @@ def _mean_image_gap(state, real_mean: torch.Tensor) -> float:
     return float((gen.mean(0) - real_mean).norm())
 
 
+@pytest.mark.e2e
 def test_bf16_trains_digits_like_fp32():
     """bf16 autocast (fp32 weights, optimiser and losses) through the epoch loop tracks fp32 on digits: per-epoch
     losses and D's outputs stay close, and both pull the generated mean image towards the data's."""

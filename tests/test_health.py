@@ -34,6 +34,7 @@ def test_one_class_twice_in_a_row_and_nan_at_once():
     assert "diverged: loss_g is nan" in CollapseWatch().check({**row(2), "loss_g": float("nan")})
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_stop_on_collapse_ends_a_failed_run_with_exit_1(tmp_path):
     """A run set up to fail (G barely learns, D learns fast, R1 off: D wins within an epoch) on 2 Ray Train

@@ -288,6 +288,7 @@ def test_evaluate_samples_json_and_table(cache, ref, tmp_path, train_images, cap
 
 
 # ------------------------------------------------------------------------------------------------ with Ray
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_training_reports_fd_and_export_takes_the_best(ray_cluster, cache, tmp_path, capsys):
     """A real (tiny) Ray Train run with the hook: every checkpoint carries fd, Ray keeps the best, and

@@ -14,8 +14,9 @@ import tempfile
 
 import pytest
 import requests
+from tests.conftest import deploy, start_serve
+from tests.test_serve import png_array
 
-from tests.test_serve import deploy, png_array, serve_models, start_serve  # noqa: F401  (serve_models: a fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

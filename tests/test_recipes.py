@@ -126,6 +126,7 @@ def test_mnist_recipe_early_steps_learn_every_class(mnist_dir, reader):
     assert accuracy >= 0.7 and shares.min() >= 0.03, (accuracy, shares)  # measured: 0.84, 5.0%
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("what", ["mnist-seed.yaml", "defaults", "defaults without R1"])

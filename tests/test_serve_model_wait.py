@@ -10,8 +10,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import run_cli, wait_for
-from tests.test_serve import serve_models, start_serve  # noqa: F401  (serve_models is a fixture)
+from tests.conftest import run_cli, start_serve, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from tests.conftest import wait_for
-from tests.test_serve import deploy, serve_models, start_serve  # noqa: F401  (serve_models is a fixture)
+from tests.conftest import deploy, start_serve, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -108,6 +107,7 @@ def test_autoscales_up_under_load_and_back_down(ray_cluster, serve_models):
         serve.delete(app)
 
 
+@pytest.mark.e2e
 def test_killed_replica_is_replaced_and_clients_barely_notice(ray_cluster, serve_models):
     from ray import serve
 
@@ -138,6 +138,7 @@ def test_killed_replica_is_replaced_and_clients_barely_notice(ray_cluster, serve
         serve.delete(app)
 
 
+@pytest.mark.e2e
 def test_gan_ray_serve_runs_until_ctrl_c(serve_models, tmp_path):
     """The user command end to end: its own Ray cluster, real HTTP, SIGINT, clean exit (and no Ray left)."""
     import subprocess

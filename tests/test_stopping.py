@@ -2,7 +2,9 @@
 saying what it stopped, exit code 143, a training run's last checkpoint intact and resumable, and nothing left
 behind: no process of its own (Ray's daemons and agents, workers, HAProxy, a benchmark's plain server) and no
 bound port. Each test sends the signal at a busy moment and checks /proc and the ports afterwards
-(tests/conftest.py: Command.stop). `submit --wait` is in tests/test_cluster_e2e.py, next to its cluster."""
+(tests/conftest.py: Command.stop). `submit --wait` is in tests/test_cluster_e2e.py, next to its cluster.
+
+`make test` stops `train` (and resumes it); the other commands are the e2e tier."""
 from __future__ import annotations
 
 import json
@@ -11,10 +13,10 @@ import re
 import pytest
 
 from gan_ray.cluster.processes import command_line
-from tests.conftest import Command, run_cli
-from tests.test_serve import serve_models  # noqa: F401  (a fixture)
+from tests.conftest import Command, cli, run_cli
 
 pytestmark = pytest.mark.slow
+e2e = pytest.mark.e2e
 
 TRAIN = ["--dataset", "digits", "--workers", "2", "--batch-size", "32", "--sample-every", "0"]
 
@@ -25,7 +27,7 @@ def stop_line(cmd: Command, command: str) -> str:
     return lines[0]
 
 
-def test_train_stops_keeping_its_checkpoint_and_resumes(tmp_path):
+def test_train_stops_keeping_its_checkpoint_and_resumes(tmp_path, ray_cluster):
     args = ["train", *TRAIN, "--epochs", "40", "--checkpoint-every", "2", "--storage", str(tmp_path), "--name", "t"]
     cmd = Command(*args)
     try:
@@ -36,14 +38,16 @@ def test_train_stops_keeping_its_checkpoint_and_resumes(tmp_path):
     line = stop_line(cmd, "train")
     done = int(re.search(r"checkpoint of epoch (\d+)", line).group(1))
     assert done >= 2 and "re-run the same command to resume" in line
-    # the run resumes from that checkpoint and finishes
-    r = run_cli(*args[:-6], "--epochs", str(done + 1), "--checkpoint-every", "2", "--storage", str(tmp_path),
-                "--name", "t", timeout=600)
+    # the run resumes from that checkpoint and finishes (here on the session's cluster: it is the run directory
+    # that resumes, wherever it runs)
+    r = cli(*args[:-6], "--epochs", str(done + 1), "--checkpoint-every", "2", "--storage", str(tmp_path),
+            "--name", "t")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["epoch"] == done + 1 and rows[-1]["restored_from"] == done
 
 
+@e2e
 def test_tune_stops_with_its_sweep_saved_and_resumes_to_completion(tmp_path):
     """Stopped in its first trial's first epochs, the sweep is saved; the same command run again finishes it: every
     trial terminated, the stopped one continued from its checkpoint, a best model exported."""
@@ -71,22 +75,7 @@ def test_tune_stops_with_its_sweep_saved_and_resumes_to_completion(tmp_path):
     assert (tmp_path / "best" / "model.json").is_file()
 
 
-def test_serve_stops_and_frees_its_ports(tmp_path, serve_models):
-    from gan_ray.cluster.processes import free_port
-
-    port = free_port()
-    cmd = Command("serve", "--model", str(serve_models["conditional"]), "--port", str(port), "--max-replicas", "1")
-    try:
-        cmd.wait_for_line(r"^serving ", 240)
-        from gan_ray.serve.client import generate
-
-        assert generate(f"http://127.0.0.1:{port}", n=4, seed=1, format="npz").arrays()[0].shape[0] == 4
-        assert cmd.stop() == 143
-    finally:
-        cmd.kill()
-    assert f"port {port} is free" in stop_line(cmd, "serve")
-
-
+@e2e
 def test_demo_stops_during_its_sweep(tmp_path):
     """Tune takes the signal (as it takes a first Ctrl-C) and returns normally: the demo must then stop, not go on
     to train."""
@@ -100,6 +89,7 @@ def test_demo_stops_during_its_sweep(tmp_path):
     assert "[demo] 2/4 train" not in cmd.text()
 
 
+@e2e
 def test_bench_stops_inside_its_ray_train_run():
     cmd = Command("bench", "--steps", "600", "--repeats", "3", "--threads", "1")
     try:
@@ -119,6 +109,7 @@ def test_bench_stops_inside_its_ray_train_run():
     stop_line(cmd, "bench")
 
 
+@e2e
 def test_bench_serve_stops_its_plain_server_too(tmp_path, serve_models):
     cmd = Command("bench-serve", "--model", str(serve_models["conditional"]), "--duration-s", "60",
                   "--concurrency", "1", "--n", "1")
@@ -130,9 +121,10 @@ def test_bench_serve_stops_its_plain_server_too(tmp_path, serve_models):
     stop_line(cmd, "bench-serve")
 
 
+@e2e
 def test_two_local_deployments_coexist_with_side_ports_on_localhost(tmp_path, serve_models):
     """Two `gan-ray serve` on one machine: each cluster's HAProxy takes free stats/metrics ports when the defaults
-    are taken, and binds them on 127.0.0.1 only."""
+    are taken, and binds them on 127.0.0.1 only. Each then stops on SIGTERM, its port free again."""
     from tests.conftest import listening_ports
 
     from gan_ray.cluster.processes import descendants
@@ -156,8 +148,9 @@ def test_two_local_deployments_coexist_with_side_ports_on_localhost(tmp_path, se
             for p in side[-1]:
                 assert _listen_address(p) == "127.0.0.1", (p, _listen_address(p))
         assert side[0] and side[1] and not side[0] & side[1], side
-        for cmd, _ in cmds:
+        for cmd, port in cmds:
             assert cmd.stop() == 143
+            assert f"port {port} is free" in stop_line(cmd, "serve")
     finally:
         for cmd, _ in cmds:
             cmd.kill()

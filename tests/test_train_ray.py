@@ -148,6 +148,7 @@ def test_a_batch_larger_than_a_workers_share_is_refused_before_ray(tmp_path):
     assert not (tmp_path / "big-batch").exists()
 
 
+@pytest.mark.e2e
 def test_bad_input_a_worker_finds_comes_back_as_one_user_error(ray_cluster, tmp_path):
     """What only a worker can check (its device, its copy of the data) fails in the worker; Train wraps it in a
     TrainingFailedError, and the driver unwraps it to the one-line UserError the CLI prints (exit 2). The driver's

@@ -295,6 +295,7 @@ def asha_sweep(ray_cluster, tmp_path_factory):
             "cpu_before": before}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the shared fixture runs the sweep twice; a few minutes on 2 idle cores
 def test_asha_sweep_completes_stops_early_and_exports_the_best(asha_sweep, ray_cluster):
@@ -332,6 +333,7 @@ def test_asha_sweep_completes_stops_early_and_exports_the_best(asha_sweep, ray_c
              f"the cluster's {asha_sweep['cpu_before']:g} CPUs to be free again after the sweep")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(asha_sweep):
@@ -356,6 +358,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(asha_sweep)
         assert epochs == sorted(set(epochs)), epochs
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_pbt_exploit_copies_state_and_applies_mutated_learning_rates(ray_cluster, tmp_path):
     from gan_ray.tune.sweep import run_sweep
@@ -437,6 +440,7 @@ def test_optuna_search_is_seeded_and_capped():
         assert 1e-5 <= config["lr_g"] <= 1e-3 and 1e-5 <= config["lr_d"] <= 1e-3 and config["latent_dim"] in (16, 32)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_cli_optuna_sweep_runs_its_seeded_trials_and_exports(ray_cluster, tmp_path, capsys):
     """`gan-ray tune --search optuna` end to end on the shared cluster: Optuna's seeded proposals are the trials
