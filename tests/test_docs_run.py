@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Command, cli, deploy, start_serve
+from gan_ray.core.config import load_yaml
 from tests.test_docs import COMMANDS
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,8 @@ def why_not_here(argv: list[str]) -> str | None:
         return "needs a GPU"
     if re.search(r"--dataset (cifar10|fashion-mnist)", text):
         return "needs a dataset download (offline here)"
-    if "configs/mnist" in text or re.search(r"--dataset mnist\b", text):
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
+    if re.search(r"--dataset mnist\b", text) or (recipe and load_yaml(recipe).get("dataset") == "mnist"):
         return "real MNIST (its path is the user's): recipes' and defaults' early steps run in tests/test_recipes.py"
     if "ray://" in text:
         return "joins a remote cluster"
