@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 from gan_ray.core.env import scoped_env
 from gan_ray.core.errors import UserError, one_line
 
+AGENT_WAIT_S = 60.0  # how long a submission retries while the cluster has no job agent ready yet
 # gitignore-style patterns (relative to the project root) kept out of the uploaded working_dir: environments,
 # outputs and caches are large, machine-specific, or private; the cluster has its own.
 WORKING_DIR_EXCLUDES = (
@@ -223,24 +224,32 @@ def submit(address: str, argv: Sequence[str], *, runtime_env: dict | None = None
     entrypoint = entrypoint_command(argv, python)
     client = client or connect(address)
     env = runtime_env if runtime_env is not None else project_runtime_env()
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id,
-                                   entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
-                                   metadata={"submitted_by": "gan-ray", "command": argv[0]})
-    except AuthenticationError:
-        raise UserError(_NO_TOKEN_HELP) from None
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"the cluster refused the job: {one_line(exc, 300)}") from None
-    return Submission(address, job_id, entrypoint)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id,
+                                       entrypoint_num_cpus=entrypoint_num_cpus,
+                                       entrypoint_num_gpus=entrypoint_num_gpus,
+                                       metadata={"submitted_by": "gan-ray", "command": argv[0]})
+            return Submission(address, job_id, entrypoint)
+        except AuthenticationError:
+            raise UserError(_NO_TOKEN_HELP) from None
+        except (RuntimeError, ValueError) as exc:
+            # A cluster whose node agents have not registered with the head yet (it has just started, or is
+            # loaded) answers "No available agent to submit job, please try again later": that is what to do.
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise UserError(f"the cluster refused the job: {one_line(exc, 300)}") from None
 
 
-def follow(client, job_id: str, write: Callable[[str], None] = sys.stdout.write) -> str:
-    """Stream the job's logs until it ends; returns its final status. Falls back to polling if the log stream
-    drops (the job keeps running either way)."""
+def follow(client, job_id: str, write: Callable[[str], None] | None = None) -> str:
+    """Stream the job's logs (to `write`, default this process's stdout at the time) until it ends; returns its
+    final status. Falls back to polling if the log stream drops (the job keeps running either way)."""
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            write(chunk)
+            (write or sys.stdout.write)(chunk)
             sys.stdout.flush()
 
     try:

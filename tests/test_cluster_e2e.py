@@ -294,9 +294,10 @@ def test_a_job_submitted_to_the_session_cluster_runs_and_a_wrong_token_is_refuse
     out = tmp_path / "sevens.npz"
     job = ["--", "sample", "--checkpoint", str(checkpoint), "--n", "4", "--labels", "7", "--out", str(out)]
     clean = {"RAY_ADDRESS": "", "RAY_API_SERVER_ADDRESS": ""}
-    r = cli("submit", "--address", address, "--wait", *job, env=clean)
+    # the session's cluster runs on this machine, its jobs with the tests' interpreter (an image's is `python`)
+    r = cli("submit", "--address", address, "--wait", "--python", sys.executable, *job, env=clean)
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "wrote 4 images" in r.stdout  # the job's own output, streamed back
+    assert "wrote 4 samples" in r.stdout  # the job's own output, streamed back
     with __import__("numpy").load(out) as z:
         assert z["labels"].tolist() == [7] * 4
     refused = cli("submit", "--address", address, *job, env={**clean, "RAY_AUTH_TOKEN": "not-the-token"})

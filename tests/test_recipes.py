@@ -113,9 +113,9 @@ def _shares(predicted: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mnist_recipe_early_steps_learn_every_class(mnist_dir, reader):
-    """configs/mnist.yaml, 250 steps (about half an epoch on 2 workers): D is not winning, every class is drawn,
+    """The recipe `mnist`, 250 steps (about half an epoch on 2 workers): D is not winning, every class is drawn,
     and images drawn for a label mostly read as that label."""
-    cfg = resolve(load_yaml(ROOT / "configs" / "mnist.yaml"), {})
+    cfg = resolve(load_yaml("mnist"), {})
     state, d = _train_in_process(cfg, mnist_dir, steps=250)
     assert all(np.isfinite(v) for v in d.values()), d
     assert d["d_real"] < 0.95 and d["d_fake"] > 0.05, f"D is winning: {d}"
@@ -136,7 +136,7 @@ def test_unconditional_early_steps_do_not_collapse(mnist_dir, reader, what):
     1s dominate). The defaults with R1 off, the setting that collapsed before, fail the same bar: D wins (D(x)
     0.96, D(G(z)) 0.05) and the samples crowd onto a few digits (4 at >= 2%, one at 57%)."""
     if what == "mnist-seed.yaml":
-        cfg = resolve(load_yaml(ROOT / "configs" / "mnist-seed.yaml"), {})
+        cfg = resolve(load_yaml("mnist-seed"), {})
     else:
         cfg = TrainConfig(dataset="mnist", r1_gamma=0.0 if "without" in what else TrainConfig().r1_gamma)
     state, d = _train_in_process(cfg, mnist_dir, steps=2000)
