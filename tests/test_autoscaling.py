@@ -4,10 +4,13 @@ autoscaler (v2, as on KubeRay and `ray up`) with its fake-node provider, which a
 The cluster is this module's own (tests/fake_autoscaler.py: its own ports and temp dir, separate from the session's
 `ray_cluster`); every command is a separate `gan-ray ... --address` process, and the module checks at the end
 that no process of the cluster is left. Its shape is the deployed one in miniature: a head with 0 CPUs and one
-worker type (1 CPU) that the autoscaler adds on demand, 0 to 2 nodes, removed after 30 s idle.
+worker type (1 CPU) that the autoscaler adds on demand, 0 to 3 nodes, removed after 30 s idle. The tests run in
+order and the sweep starts on the nodes the training job left: one wait for idle nodes to go in the whole module.
+The same wait on Ray's autoscaler v1, on a cluster of its own, is in the e2e tier.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -22,15 +25,15 @@ from tests.fake_autoscaler import FakeAutoscalingCluster
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_NODES = 3
 FAST = ["--dataset", "digits", "--arch", "mlp", "--epochs", "1", "--batch-size", "64", "--eval-every", "0",
         "--sample-every", "0"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = FakeAutoscalingCluster(f"/tmp/gr-as-{__import__('os').getpid()}",  # short: Unix socket paths live under it
-                               {"cpu1": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": 2}},
-                               head_cpus=0, idle_timeout_minutes=0.5)
+def autoscaling_cluster(tag: str, *, v2: bool = True):
+    c = FakeAutoscalingCluster(f"/tmp/gr-{tag}-{os.getpid()}",  # short: Unix socket paths live under it
+                               {"cpu1": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": MAX_NODES}},
+                               head_cpus=0, idle_timeout_minutes=0.5, v2=v2)
     t0 = time.monotonic()
     try:
         c.up()
@@ -40,6 +43,16 @@ def cluster():
         left = c.down()
     assert c.seen, "the cluster never had any process"
     assert not left, f"processes of the autoscaling cluster left behind: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    yield from autoscaling_cluster("as")
+
+
+@pytest.fixture(scope="module")
+def v1_cluster():
+    yield from autoscaling_cluster("as1", v2=False)
 
 
 def gan_ray(c: FakeAutoscalingCluster, *args: str, timeout: float = 420) -> tuple[subprocess.CompletedProcess, float]:
@@ -63,24 +76,26 @@ def one_line(r: subprocess.CompletedProcess, *fragments: str) -> str:
 
 
 def test_what_can_never_fit_is_refused_at_once(cluster, tmp_path):
-    """More workers than the largest cluster the autoscaler may build (2 one-CPU nodes), or GPUs from a type list
+    """More workers than the largest cluster the autoscaler may build (3 one-CPU nodes), or GPUs from a type list
     without any: one line, exit 2, decided by the autoscaler's verdict, and no node launched for it."""
     assert cluster.worker_cpus() == 0
-    r, seconds = gan_ray(cluster, "train", "--workers", "3", *FAST, "--storage", str(tmp_path), "--name", "big")
-    one_line(r, "--workers 3 needs 3 x (1 CPU), more than this cluster can ever hold")
+    r, seconds = gan_ray(cluster, "train", "--workers", "4", *FAST, "--storage", str(tmp_path), "--name", "big")
+    one_line(r, "--workers 4 needs 4 x (1 CPU), more than this cluster can ever hold")
     assert seconds < 120, seconds  # the process's start and Ray's connection dominate; no waiting
     r, _ = gan_ray(cluster, "train", "--workers", "1", "--gpus-per-worker", "1", *FAST, "--storage", str(tmp_path),
                    "--name", "gpu")
     one_line(r, "more than this cluster can ever hold", "no node has GPU now")
-    r, _ = gan_ray(cluster, "tune", "--trials", "2", "--workers-per-trial", "3", "--epochs", "1",
+    r, _ = gan_ray(cluster, "tune", "--trials", "2", "--workers-per-trial", "4", "--epochs", "1",
                    "--storage", str(tmp_path), "--name", "sweep")
-    one_line(r, "one trial (--workers-per-trial 3) needs", "more than this cluster can ever hold")
-    r, _ = gan_ray(cluster, "tune", "--trials", "3", "--max-concurrent", "3", "--epochs", "1",
+    one_line(r, "one trial (--workers-per-trial 4) needs", "more than this cluster can ever hold")
+    r, _ = gan_ray(cluster, "tune", "--trials", "4", "--max-concurrent", "4", "--epochs", "1",
                    "--storage", str(tmp_path), "--name", "sweep")
-    one_line(r, "--max-concurrent 3 needs 3 x", "cannot hold that many trials at once")
+    one_line(r, "--max-concurrent 4 needs 4 x", "cannot hold that many trials at once")
     assert not any(tmp_path.iterdir()), "nothing written for a refused job"
-    time.sleep(3)  # a node launched by mistake would have been requested by now
-    assert cluster.worker_cpus() == 0, "a refused job made the autoscaler add nodes"
+    # Nothing launched for them, now or ever: the autoscaler reports no launch in progress or failed, and the GCS
+    # never registered a node besides the head (a node launched and removed again would still be listed, dead).
+    assert cluster.launching() == (0, ""), "a refused job made the autoscaler launch nodes"
+    assert cluster.nodes_ever() == 1, "a refused job made the autoscaler add nodes"
 
 
 def test_train_waits_for_the_autoscaler_then_trains(cluster, tmp_path):
@@ -99,11 +114,13 @@ def test_train_waits_for_the_autoscaler_then_trains(cluster, tmp_path):
 
 
 def test_tune_waits_for_the_autoscaler_then_sweeps(cluster, tmp_path):
-    """A 2-trial sweep from 0 worker CPUs: both trials at once (the most 2 one-CPU nodes hold), after a wait."""
-    no_worker_nodes(cluster)
+    """A 2-trial sweep right after the training job, on the nodes it left (however many are still up): each trial
+    is a full CPU for its worker plus its driver's sliver, so two at once need a third node, which the sweep
+    waits for; then both run at once and the best is exported."""
     r, seconds = gan_ray(cluster, "tune", "--trials", "2", "--epochs", "1", "--workers-per-trial", "1",
-                         "--scheduler", "none", "--dataset", "digits", "--arch", "mlp", "--batch-size", "64",
-                         "--storage", str(tmp_path), "--name", "sweep", "--export", str(tmp_path / "model"))
+                         "--cpus-per-worker", "1", "--scheduler", "none", "--dataset", "digits", "--arch", "mlp",
+                         "--batch-size", "64", "--storage", str(tmp_path), "--name", "sweep",
+                         "--export", str(tmp_path / "model"))
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "[cluster] waiting for the autoscaler: one trial (--workers-per-trial 1) needs" in r.stdout
     ready = re.search(r"\[cluster\] ready after (\d+) s", r.stdout)
@@ -120,3 +137,18 @@ def test_a_cluster_that_does_not_grow_in_time_is_a_one_line_error(cluster, tmp_p
                    "--name", "late")
     one_line(r, "waited 0 s for the autoscaler", "still missing 2 CPU for --workers 2")
     assert not (tmp_path / "late").exists()
+
+
+@pytest.mark.e2e
+def test_train_waits_for_the_v1_autoscaler_too(v1_cluster, tmp_path):
+    """Ray's autoscaler v1 (`RAY_UP_enable_autoscaler_v2=0 ray up`, older KubeRay setups) launches nodes for the
+    same request but answers no question: the job says so, then waits with the same progress line and trains."""
+    assert v1_cluster.worker_cpus() == 0
+    r, seconds = gan_ray(v1_cluster, "train", "--workers", "2", *FAST, "--storage", str(tmp_path), "--name", "v1")
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "[cluster] this cluster's autoscaler (v1) does not say whether it can ever hold --workers 2" in r.stdout
+    assert "[cluster] waiting for the autoscaler: --workers 2 needs 2 x (1 CPU); the cluster has 0 CPU" in r.stdout
+    ready = re.search(r"\[cluster\] ready after (\d+) s: 2 CPU on 2 node\(s\)", r.stdout)
+    assert ready and "epoch   1/1" in r.stdout, r.stdout[-3000:]
+    print(f"\nv1 cluster up in {v1_cluster.started_s:.0f} s; train: scaled up in {ready.group(1)} s, "
+          f"command {seconds:.0f} s")
