@@ -117,6 +117,7 @@ def test_tune_waits_for_the_autoscaler_then_sweeps(cluster, tmp_path):
     """A 2-trial sweep right after the training job, on the nodes it left (however many are still up): each trial
     is a full CPU for its worker plus its driver's sliver, so two at once need a third node, which the sweep
     waits for; then both run at once and the best is exported."""
+    print(f"\nworker nodes before the sweep: {sorted(n.get('CPU', 0) for n in cluster.nodes())}")
     r, seconds = gan_ray(cluster, "tune", "--trials", "2", "--epochs", "1", "--workers-per-trial", "1",
                          "--cpus-per-worker", "1", "--scheduler", "none", "--dataset", "digits", "--arch", "mlp",
                          "--batch-size", "64", "--storage", str(tmp_path), "--name", "sweep",
