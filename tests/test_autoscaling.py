@@ -5,7 +5,8 @@ The cluster is this module's own (tests/fake_autoscaler.py: its own ports and te
 `ray_cluster`); every command is a separate `gan-ray ... --address` process, and the module checks at the end
 that no process of the cluster is left. Its shape is the deployed one in miniature: a head with 0 CPUs and one
 worker type (1 CPU) that the autoscaler adds on demand, 0 to 3 nodes, removed after 30 s idle. The tests run in
-order and the sweep starts on the nodes the training job left: one wait for idle nodes to go in the whole module.
+order, and the training job starts on the nodes the sweep left (it needs one more): one wait for idle nodes to go
+in the whole module.
 The same wait on Ray's autoscaler v1, on a cluster of its own, is in the e2e tier.
 """
 from __future__ import annotations
@@ -98,37 +99,36 @@ def test_what_can_never_fit_is_refused_at_once(cluster, tmp_path):
     assert cluster.nodes_ever() == 1, "a refused job made the autoscaler add nodes"
 
 
-def test_train_waits_for_the_autoscaler_then_trains(cluster, tmp_path):
-    """From 0 worker CPUs: the driver waits (progress lines), the autoscaler adds two nodes, DDP trains on them."""
-    assert cluster.worker_cpus() == 0
-    r, seconds = gan_ray(cluster, "train", "--workers", "2", *FAST, "--storage", str(tmp_path), "--name", "grown")
-    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    assert "[cluster] waiting for the autoscaler: --workers 2 needs 2 x (1 CPU); the cluster has 0 CPU" in r.stdout
-    ready = re.search(r"\[cluster\] ready after (\d+) s: 2 CPU on 2 node\(s\)", r.stdout)
-    assert ready, r.stdout[-3000:]
-    assert "epoch   1/1" in r.stdout
-    assert (tmp_path / "grown" / "metrics.jsonl").is_file()
-    assert sorted(n.get("CPU", 0) for n in cluster.nodes()) == [0, 1, 1]
-    print(f"\ncluster up in {cluster.started_s:.0f} s; train: scaled up in {ready.group(1)} s, "
-          f"command {seconds:.0f} s")
-
-
 def test_tune_waits_for_the_autoscaler_then_sweeps(cluster, tmp_path):
-    """A 2-trial sweep right after the training job, on the nodes it left (however many are still up): each trial
-    is a full CPU for its worker plus its driver's sliver, so two at once need a third node, which the sweep
-    waits for; then both run at once and the best is exported."""
-    print(f"\nworker nodes before the sweep: {sorted(n.get('CPU', 0) for n in cluster.nodes())}")
+    """A 2-trial sweep from 0 worker CPUs: it waits for its first trial's node, the autoscaler adds the nodes of
+    both (the sweep asks for all it will run at once), both run at once and the best is exported."""
+    assert cluster.worker_cpus() == 0
     r, seconds = gan_ray(cluster, "tune", "--trials", "2", "--epochs", "1", "--workers-per-trial", "1",
-                         "--cpus-per-worker", "1", "--scheduler", "none", "--dataset", "digits", "--arch", "mlp",
-                         "--batch-size", "64", "--storage", str(tmp_path), "--name", "sweep",
-                         "--export", str(tmp_path / "model"))
+                         "--scheduler", "none", "--dataset", "digits", "--arch", "mlp", "--batch-size", "64",
+                         "--storage", str(tmp_path), "--name", "sweep", "--export", str(tmp_path / "model"))
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "[cluster] waiting for the autoscaler: one trial (--workers-per-trial 1) needs" in r.stdout
+    assert "the cluster has 0 CPU" in r.stdout
     ready = re.search(r"\[cluster\] ready after (\d+) s", r.stdout)
     assert ready, r.stdout[-3000:]
     assert "2 at a time" in r.stdout, r.stdout[-3000:]
     assert (tmp_path / "model" / "model.json").is_file()
-    print(f"\ntune: scaled up in {ready.group(1)} s, command {seconds:.0f} s")
+    print(f"\ncluster up in {cluster.started_s:.0f} s; tune: scaled up in {ready.group(1)} s, command {seconds:.0f} s")
+
+
+def test_train_waits_for_the_autoscaler_then_trains(cluster, tmp_path):
+    """Right after the sweep, on the nodes it left (two, or fewer if one went idle meanwhile): 3 workers need a
+    node more, which the driver waits for (progress lines); then DDP trains on 3 nodes."""
+    r, seconds = gan_ray(cluster, "train", "--workers", "3", *FAST, "--storage", str(tmp_path), "--name", "grown")
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert re.search(r"\[cluster\] waiting for the autoscaler: --workers 3 needs 3 x \(1 CPU\); the cluster has "
+                     r"[012] CPU", r.stdout), r.stdout[-3000:]
+    ready = re.search(r"\[cluster\] ready after (\d+) s: 3 CPU on 3 node\(s\)", r.stdout)
+    assert ready, r.stdout[-3000:]
+    assert "epoch   1/1" in r.stdout
+    assert (tmp_path / "grown" / "metrics.jsonl").is_file()
+    assert sorted(n.get("CPU", 0) for n in cluster.nodes()) == [0, 1, 1, 1]
+    print(f"\ntrain: scaled up in {ready.group(1)} s, command {seconds:.0f} s")
 
 
 def test_a_cluster_that_does_not_grow_in_time_is_a_one_line_error(cluster, tmp_path):

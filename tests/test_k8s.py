@@ -44,7 +44,7 @@ needs_crds = pytest.mark.skipif(
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 RAY_KINDS = tuple(CRD_FILES)
-IMAGE = "gan-ray:0.1.0"
+IMAGE = "gan-ray:placeholder"
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -216,16 +216,21 @@ def test_no_manifest_uses_fields_guarded_by_unchecked_cel_rules():
 
 
 # What the RayService's cluster adds to raycluster.yaml's for high availability (rayservice.yaml's header): GCS
-# fault tolerance, two GPU workers always up, and those spread over nodes and zones. Nothing else may differ.
-SERVICE_HA_FIELDS = ("gcsFaultToleranceOptions", "replicas", "minReplicas", "topologySpreadConstraints")
+# fault tolerance, two GPU workers always up, those spread over nodes and zones, and the instance label its
+# PodDisruptionBudgets select its pods by. Nothing else may differ.
+SERVICE_HA_FIELDS = ("gcsFaultToleranceOptions", "replicas", "minReplicas", "topologySpreadConstraints",
+                     "app.kubernetes.io/instance")
+SERVICE_INSTANCE = "gan-ray-serve"
 
 
 def without_service_ha(spec: dict) -> dict:
     spec = copy.deepcopy(spec)
     spec.pop("gcsFaultToleranceOptions", None)
+    spec["headGroupSpec"]["template"]["metadata"]["labels"].pop("app.kubernetes.io/instance", None)
     for g in spec["workerGroupSpecs"]:
         g.pop("replicas", None)
         g.pop("minReplicas", None)
+        g["template"]["metadata"]["labels"].pop("app.kubernetes.io/instance", None)
         g["template"]["spec"].pop("topologySpreadConstraints", None)
     return spec
 
@@ -491,9 +496,12 @@ def test_every_pod_template_is_a_valid_core_pod():
     quantities, enums, required container fields)."""
     import kubernetes_validate
 
+    checked = 0
     for f, group, pod in pod_templates():
         obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{group}-pod"}, "spec": pod}
         kubernetes_validate.validate(obj, "1.30", strict=True)
+        checked += 1
+    assert checked == 10  # head + GPU workers of the 4 cluster specs, and the 2 job submitters
 
 
 # --------------------------------------------------------------------------------------- `ray up` configs
@@ -615,6 +623,21 @@ def pod_labels() -> list[dict[str, str]]:
     return out
 
 
+def job_cluster_labels() -> list[dict[str, str]]:
+    """The labels of the RayClusters KubeRay v1.7 makes for the RayJobs: the RayJob's own labels (kustomize's
+    included) plus ray.io/originated-from-cr-name / -crd (rayjob_controller.go, constructRayClusterForRayJob)."""
+    kz = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    added = {k: v for group in kz.get("labels", []) for k, v in group["pairs"].items()}
+    return [{**o["metadata"]["labels"], **added, "ray.io/originated-from-cr-name": o["metadata"]["name"],
+             "ray.io/originated-from-crd": "RayJob"} for _, o in of_kind("RayJob")]
+
+
+# What a label selector on live objects may select, by the kubectl resource it names.
+LIVE_LABELS = {"pods": pod_labels, "pod": pod_labels, "po": pod_labels, "rayclusters": job_cluster_labels,
+               "raycluster": job_cluster_labels}
+GPU_KINDS = {"RayJob", "RayService", "RayCluster"}  # objects whose pods take GPU nodes
+
+
 def option(argv: list[str], *names: str) -> list[str]:
     values = []
     for i, arg in enumerate(argv):
@@ -667,9 +690,11 @@ def test_documented_commands_apply_the_image_rewrite():
             if target != K8S.resolve():  # an add-on (k8s/monitoring/): no Ray pod, so no image to rewrite
                 assert IMAGE not in (target / "kustomization.yaml").read_text() + "".join(
                     p.read_text() for p in target.glob("*.yaml")), (where, argv)
-        if not (dirs or option(argv, "-f", "--filename")):  # a selector on live pods (get pods -l ...)
+        if not (dirs or option(argv, "-f", "--filename")):  # a selector on live objects (get pods -l ...)
             for selector in option(argv, "-l", "--selector"):
-                assert any(selector_matches(selector, labels) for labels in pod_labels()), (where, selector)
+                resource = next((a for a in argv[2:] if a in LIVE_LABELS), "pods")
+                assert any(selector_matches(selector, labels) for labels in LIVE_LABELS[resource]()), \
+                    (where, resource, selector)
             continue
         for selector in option(argv, "-l", "--selector"):
             assert dirs and all((ROOT / d).resolve() == K8S.resolve() for d in dirs), \
@@ -677,13 +702,15 @@ def test_documented_commands_apply_the_image_rewrite():
             chosen = [(f, o) for f, o, labels in objects if selector_matches(selector, labels)]
             assert chosen, f"{where}: selector {selector!r} matches nothing"
             kinds = {o["kind"] for _, o in chosen}
-            if "RayJob" in kinds:  # a job on demand: that job and nothing else
+            if kinds & {"RayJob", "RayService"}:  # a stage of GPU work: that job or the service, nothing else
                 assert len(chosen) == 1, f"{where}: {selector!r} selects {[o['metadata']['name'] for _, o in chosen]}"
-                if argv[1:2] == ["create"]:
+                if argv[1:2] in (["create"], ["apply"]):
                     created_alone.add(chosen[0][1]["metadata"]["name"])
-            else:  # the rest without the jobs: everything that is not a RayJob
-                assert len(chosen) == sum(o["kind"] != "RayJob" for _, o, _ in objects), (where, selector)
-    assert created_alone == {o["metadata"]["name"] for _, o in of_kind("RayJob")}, created_alone
+            elif "notin" in selector:  # the base stage: everything but the jobs and the service
+                assert len(chosen) == sum(o["kind"] not in ("RayJob", "RayService") for _, o, _ in objects), \
+                    (where, selector)
+    gpu_stages = {o["metadata"]["name"] for _, o in of_kind("RayJob") + of_kind("RayService")}
+    assert created_alone == gpu_stages, created_alone
 
 
 # ----------------------------------------------------------------------------------------- object store
@@ -749,7 +776,7 @@ def test_kustomize_build_is_what_the_docs_apply():
 
     kz = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     (rewrite,) = kz["images"]
-    image = f"{rewrite['newName']}:{rewrite['newTag']}"
+    image = f"{rewrite['newName']}@{rewrite['digest']}"
     objects = kustomize(K8S)
     assert {o["kind"] for o in objects} >= {"Namespace", "PriorityClass", "PersistentVolumeClaim", "Deployment",
                                             "Service", "RayCluster", "RayJob", "RayService"}
