@@ -73,6 +73,8 @@ class FakeAutoscalingCluster:
         if self.v2:
             env.update({"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                         "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID})
+        else:  # explicitly v1: what `RAY_UP_enable_autoscaler_v2=0 ray up` and older KubeRay setups run
+            env["RAY_enable_autoscaler_v2"] = "0"
         return env
 
     def up(self, timeout_s: float = 180) -> None:
@@ -109,6 +111,30 @@ class FakeAutoscalingCluster:
         nodes = api.list(StateResource.NODES, options=ListApiOptions(limit=100, detail=True),
                          raise_on_missing_output=False)
         return [dict(n.resources_total) for n in nodes if n.state == "ALIVE"]
+
+    def nodes_ever(self) -> int:
+        """How many nodes the GCS ever registered, alive or dead (the head included): a node the autoscaler
+        launched and removed again still counts."""
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        from gan_ray.jobs import auth_headers
+
+        address = f"http://127.0.0.1:{self.dashboard_port}"
+        api = StateApiClient(address, headers=auth_headers(address)[0])
+        return len(api.list(StateResource.NODES, options=ListApiOptions(limit=100), raise_on_missing_output=False))
+
+    def launching(self) -> tuple[int, str]:
+        """What the autoscaler is launching now (and its newest launch failure), read from the GCS's autoscaling
+        state exactly as gan_ray.cluster.autoscaler reads it, in a process of its own (the cluster's auth mode)."""
+        code = ("import json, sys; from gan_ray.cluster.autoscaler import Autoscaler, LegacyAutoscaler; "
+                "cls = Autoscaler if sys.argv[2] == 'v2' else LegacyAutoscaler; "
+                "print(json.dumps(cls(sys.argv[1]).launching()))")
+        r = subprocess.run([sys.executable, "-c", code, self.gcs_address, "v2" if self.v2 else "v1"],
+                           env=self.driver_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        pending, failure = json.loads(r.stdout.strip().splitlines()[-1])
+        return pending, failure
 
     def worker_cpus(self) -> float:
         return sum(n.get("CPU", 0.0) for n in self.nodes())

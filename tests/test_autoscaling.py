@@ -4,10 +4,15 @@ autoscaler (v2, as on KubeRay and `ray up`) with its fake-node provider, which a
 The cluster is this module's own (tests/fake_autoscaler.py: its own ports and temp dir, separate from the session's
 `ray_cluster`); every command is a separate `gan-ray ... --address` process, and the module checks at the end
 that no process of the cluster is left. Its shape is the deployed one in miniature: a head with 0 CPUs and one
-worker type (1 CPU) that the autoscaler adds on demand, 0 to 2 nodes, removed after 30 s idle.
+worker type (1 CPU) that the autoscaler adds on demand, 0 to 2 nodes, removed after 30 s idle. The tests run in
+order; the training job runs first, so that Ray Train's AutoscalingCoordinator (a detached actor that Train creates
+on the node of the first run's controller) lives on the head: created by a sweep trial's run, it would sit on a
+worker node and keep that node from ever going idle.
+The same wait on Ray's autoscaler v1, on a cluster of its own, is in the e2e tier.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -22,15 +27,15 @@ from tests.fake_autoscaler import FakeAutoscalingCluster
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_NODES = 2
 FAST = ["--dataset", "digits", "--arch", "mlp", "--epochs", "1", "--batch-size", "64", "--eval-every", "0",
         "--sample-every", "0"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = FakeAutoscalingCluster(f"/tmp/gr-as-{__import__('os').getpid()}",  # short: Unix socket paths live under it
-                               {"cpu1": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": 2}},
-                               head_cpus=0, idle_timeout_minutes=0.5)
+def autoscaling_cluster(tag: str, *, v2: bool = True):
+    c = FakeAutoscalingCluster(f"/tmp/gr-{tag}-{os.getpid()}",  # short: Unix socket paths live under it
+                               {"cpu1": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": MAX_NODES}},
+                               head_cpus=0, idle_timeout_minutes=0.5, v2=v2)
     t0 = time.monotonic()
     try:
         c.up()
@@ -42,6 +47,16 @@ def cluster():
     assert not left, f"processes of the autoscaling cluster left behind: {sorted(left)}"
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    yield from autoscaling_cluster("as")
+
+
+@pytest.fixture(scope="module")
+def v1_cluster():
+    yield from autoscaling_cluster("as1", v2=False)
+
+
 def gan_ray(c: FakeAutoscalingCluster, *args: str, timeout: float = 420) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "gan_ray.cli", *args, "--address", c.gcs_address],
@@ -49,9 +64,13 @@ def gan_ray(c: FakeAutoscalingCluster, *args: str, timeout: float = 420) -> tupl
     return r, time.monotonic() - t0
 
 
-def no_worker_nodes(c: FakeAutoscalingCluster, timeout_s: float = 150) -> None:
-    """Until the autoscaler has removed every worker node (they go after 30 s idle)."""
+def no_worker_nodes(c: FakeAutoscalingCluster, timeout_s: float = 150) -> float:
+    """Until the autoscaler has removed every worker node; returns how long that took. A node goes after 30 s idle,
+    but not while a cluster resource request still covers it: Ray Train's AutoscalingCoordinator re-sends a run's
+    worker resources every 20 s until the run cancels them or they expire (180 s)."""
+    t0 = time.monotonic()
     wait_for(lambda: c.worker_cpus() == 0, timeout_s, "the autoscaler to remove the idle worker nodes", poll_s=2)
+    return time.monotonic() - t0
 
 
 def one_line(r: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -79,8 +98,10 @@ def test_what_can_never_fit_is_refused_at_once(cluster, tmp_path):
                    "--storage", str(tmp_path), "--name", "sweep")
     one_line(r, "--max-concurrent 3 needs 3 x", "cannot hold that many trials at once")
     assert not any(tmp_path.iterdir()), "nothing written for a refused job"
-    time.sleep(3)  # a node launched by mistake would have been requested by now
-    assert cluster.worker_cpus() == 0, "a refused job made the autoscaler add nodes"
+    # Nothing launched for them, now or ever: the autoscaler reports no launch in progress or failed, and the GCS
+    # never registered a node besides the head (a node launched and removed again would still be listed, dead).
+    assert cluster.launching() == (0, ""), "a refused job made the autoscaler launch nodes"
+    assert cluster.nodes_ever() == 1, "a refused job made the autoscaler add nodes"
 
 
 def test_train_waits_for_the_autoscaler_then_trains(cluster, tmp_path):
@@ -100,7 +121,7 @@ def test_train_waits_for_the_autoscaler_then_trains(cluster, tmp_path):
 
 def test_tune_waits_for_the_autoscaler_then_sweeps(cluster, tmp_path):
     """A 2-trial sweep from 0 worker CPUs: both trials at once (the most 2 one-CPU nodes hold), after a wait."""
-    no_worker_nodes(cluster)
+    print(f"\nidle nodes gone after {no_worker_nodes(cluster):.0f} s")
     r, seconds = gan_ray(cluster, "tune", "--trials", "2", "--epochs", "1", "--workers-per-trial", "1",
                          "--scheduler", "none", "--dataset", "digits", "--arch", "mlp", "--batch-size", "64",
                          "--storage", str(tmp_path), "--name", "sweep", "--export", str(tmp_path / "model"))
@@ -110,13 +131,28 @@ def test_tune_waits_for_the_autoscaler_then_sweeps(cluster, tmp_path):
     assert ready, r.stdout[-3000:]
     assert "2 at a time" in r.stdout, r.stdout[-3000:]
     assert (tmp_path / "model" / "model.json").is_file()
-    print(f"\ntune: scaled up in {ready.group(1)} s, command {seconds:.0f} s")
+    print(f"tune: scaled up in {ready.group(1)} s, command {seconds:.0f} s")
 
 
 def test_a_cluster_that_does_not_grow_in_time_is_a_one_line_error(cluster, tmp_path):
     """The autoscaler would add the nodes, but not within the time allowed: one line saying what is missing."""
-    no_worker_nodes(cluster)
+    print(f"\nidle nodes gone after {no_worker_nodes(cluster):.0f} s")
     r, _ = gan_ray(cluster, "train", "--workers", "2", "--cluster-wait-s", "0", *FAST, "--storage", str(tmp_path),
                    "--name", "late")
     one_line(r, "waited 0 s for the autoscaler", "still missing 2 CPU for --workers 2")
     assert not (tmp_path / "late").exists()
+
+
+@pytest.mark.e2e
+def test_train_waits_for_the_v1_autoscaler_too(v1_cluster, tmp_path):
+    """Ray's autoscaler v1 (`RAY_UP_enable_autoscaler_v2=0 ray up`, older KubeRay setups) launches nodes for the
+    same request but answers no question: the job says so, then waits with the same progress line and trains."""
+    assert v1_cluster.worker_cpus() == 0
+    r, seconds = gan_ray(v1_cluster, "train", "--workers", "2", *FAST, "--storage", str(tmp_path), "--name", "v1")
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "[cluster] this cluster's autoscaler (v1) does not say whether it can ever hold --workers 2" in r.stdout
+    assert "[cluster] waiting for the autoscaler: --workers 2 needs 2 x (1 CPU); the cluster has 0 CPU" in r.stdout
+    ready = re.search(r"\[cluster\] ready after (\d+) s: 2 CPU on 2 node\(s\)", r.stdout)
+    assert ready and "epoch   1/1" in r.stdout, r.stdout[-3000:]
+    print(f"\nv1 cluster up in {v1_cluster.started_s:.0f} s; train: scaled up in {ready.group(1)} s, "
+          f"command {seconds:.0f} s")

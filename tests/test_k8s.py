@@ -20,6 +20,8 @@ import jsonschema
 import pytest
 import yaml
 
+from gan_ray.train.gpu_check import MIN_DRIVER  # the oldest NVIDIA driver branch per CUDA major release
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 CLUSTER = ROOT / "cluster"
@@ -44,7 +46,7 @@ needs_crds = pytest.mark.skipif(
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 RAY_KINDS = tuple(CRD_FILES)
-IMAGE = "gan-ray:0.1.0"
+IMAGE = "gan-ray:placeholder"
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -216,16 +218,21 @@ def test_no_manifest_uses_fields_guarded_by_unchecked_cel_rules():
 
 
 # What the RayService's cluster adds to raycluster.yaml's for high availability (rayservice.yaml's header): GCS
-# fault tolerance, two GPU workers always up, and those spread over nodes and zones. Nothing else may differ.
-SERVICE_HA_FIELDS = ("gcsFaultToleranceOptions", "replicas", "minReplicas", "topologySpreadConstraints")
+# fault tolerance, two GPU workers always up, those spread over nodes and zones, and the instance label its
+# PodDisruptionBudgets select its pods by. Nothing else may differ.
+SERVICE_HA_FIELDS = ("gcsFaultToleranceOptions", "replicas", "minReplicas", "topologySpreadConstraints",
+                     "app.kubernetes.io/instance")
+SERVICE_INSTANCE = "gan-ray-serve"
 
 
 def without_service_ha(spec: dict) -> dict:
     spec = copy.deepcopy(spec)
     spec.pop("gcsFaultToleranceOptions", None)
+    spec["headGroupSpec"]["template"]["metadata"]["labels"].pop("app.kubernetes.io/instance", None)
     for g in spec["workerGroupSpecs"]:
         g.pop("replicas", None)
         g.pop("minReplicas", None)
+        g["template"]["metadata"]["labels"].pop("app.kubernetes.io/instance", None)
         g["template"]["spec"].pop("topologySpreadConstraints", None)
     return spec
 
@@ -491,9 +498,12 @@ def test_every_pod_template_is_a_valid_core_pod():
     quantities, enums, required container fields)."""
     import kubernetes_validate
 
+    checked = 0
     for f, group, pod in pod_templates():
         obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{group}-pod"}, "spec": pod}
         kubernetes_validate.validate(obj, "1.30", strict=True)
+        checked += 1
+    assert checked == 10  # head + GPU workers of the 4 cluster specs, and the 2 job submitters
 
 
 # --------------------------------------------------------------------------------------- `ray up` configs
@@ -615,6 +625,21 @@ def pod_labels() -> list[dict[str, str]]:
     return out
 
 
+def job_cluster_labels() -> list[dict[str, str]]:
+    """The labels of the RayClusters KubeRay v1.7 makes for the RayJobs: the RayJob's own labels (kustomize's
+    included) plus ray.io/originated-from-cr-name / -crd (rayjob_controller.go, constructRayClusterForRayJob)."""
+    kz = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    added = {k: v for group in kz.get("labels", []) for k, v in group["pairs"].items()}
+    return [{**o["metadata"]["labels"], **added, "ray.io/originated-from-cr-name": o["metadata"]["name"],
+             "ray.io/originated-from-crd": "RayJob"} for _, o in of_kind("RayJob")]
+
+
+# What a label selector on live objects may select, by the kubectl resource it names.
+LIVE_LABELS = {"pods": pod_labels, "pod": pod_labels, "po": pod_labels, "rayclusters": job_cluster_labels,
+               "raycluster": job_cluster_labels}
+GPU_KINDS = {"RayJob", "RayService", "RayCluster"}  # objects whose pods take GPU nodes
+
+
 def option(argv: list[str], *names: str) -> list[str]:
     values = []
     for i, arg in enumerate(argv):
@@ -667,9 +692,11 @@ def test_documented_commands_apply_the_image_rewrite():
             if target != K8S.resolve():  # an add-on (k8s/monitoring/): no Ray pod, so no image to rewrite
                 assert IMAGE not in (target / "kustomization.yaml").read_text() + "".join(
                     p.read_text() for p in target.glob("*.yaml")), (where, argv)
-        if not (dirs or option(argv, "-f", "--filename")):  # a selector on live pods (get pods -l ...)
+        if not (dirs or option(argv, "-f", "--filename")):  # a selector on live objects (get pods -l ...)
             for selector in option(argv, "-l", "--selector"):
-                assert any(selector_matches(selector, labels) for labels in pod_labels()), (where, selector)
+                resource = next((a for a in argv[2:] if a in LIVE_LABELS), "pods")
+                assert any(selector_matches(selector, labels) for labels in LIVE_LABELS[resource]()), \
+                    (where, resource, selector)
             continue
         for selector in option(argv, "-l", "--selector"):
             assert dirs and all((ROOT / d).resolve() == K8S.resolve() for d in dirs), \
@@ -677,13 +704,15 @@ def test_documented_commands_apply_the_image_rewrite():
             chosen = [(f, o) for f, o, labels in objects if selector_matches(selector, labels)]
             assert chosen, f"{where}: selector {selector!r} matches nothing"
             kinds = {o["kind"] for _, o in chosen}
-            if "RayJob" in kinds:  # a job on demand: that job and nothing else
+            if kinds & {"RayJob", "RayService"}:  # a stage of GPU work: that job or the service, nothing else
                 assert len(chosen) == 1, f"{where}: {selector!r} selects {[o['metadata']['name'] for _, o in chosen]}"
-                if argv[1:2] == ["create"]:
+                if argv[1:2] in (["create"], ["apply"]):
                     created_alone.add(chosen[0][1]["metadata"]["name"])
-            else:  # the rest without the jobs: everything that is not a RayJob
-                assert len(chosen) == sum(o["kind"] != "RayJob" for _, o, _ in objects), (where, selector)
-    assert created_alone == {o["metadata"]["name"] for _, o in of_kind("RayJob")}, created_alone
+            elif "notin" in selector:  # the base stage: everything but the jobs and the service
+                assert len(chosen) == sum(o["kind"] not in ("RayJob", "RayService") for _, o, _ in objects), \
+                    (where, selector)
+    gpu_stages = {o["metadata"]["name"] for _, o in of_kind("RayJob") + of_kind("RayService")}
+    assert created_alone == gpu_stages, created_alone
 
 
 # ----------------------------------------------------------------------------------------- object store
@@ -749,7 +778,7 @@ def test_kustomize_build_is_what_the_docs_apply():
 
     kz = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     (rewrite,) = kz["images"]
-    image = f"{rewrite['newName']}:{rewrite['newTag']}"
+    image = f"{rewrite['newName']}@{rewrite['digest']}"
     objects = kustomize(K8S)
     assert {o["kind"] for o in objects} >= {"Namespace", "PriorityClass", "PersistentVolumeClaim", "Deployment",
                                             "Service", "RayCluster", "RayJob", "RayService"}
@@ -811,34 +840,6 @@ def test_gpu_node_selection_components(component, tmp_path):
         if o["kind"] in RAY_KINDS:
             errors = list(jsonschema.Draft7Validator(crd_schema(o["kind"])).iter_errors(o))
             assert not errors, errors[0].message
-
-
-# ---------------------------------------------------------------------------------------- pods fit their nodes
-# The GPU node types the launcher configs and the GPU components name (g5.2xlarge, g2-standard-8): 8 vCPU and
-# 32 GiB each. The kubelet reserves ~0.1 CPU and 1-3.6 GiB (EKS and GKE formulas for this size), the daemon sets
-# (CNI, kube-proxy, CSI node plugins, device plugin, logging, monitoring agents) take ~0.5-1 CPU and ~1 GiB: a
-# GPU pod may ask for at most the node less ~1 CPU and ~4 GiB.
-GPU_NODE = {"cpu": 8.0, "memory": 32 * 2**30}
-NODE_HEADROOM = {"cpu": 1.0, "memory": 4 * 2**30}
-
-
-def test_gpu_worker_pods_fit_their_nodes_with_room_for_the_kubelet_and_daemon_sets():
-    count = 0
-    for f, spec in cluster_specs():
-        for g in gpu_groups(spec):
-            (container,) = [c for c in g["template"]["spec"]["containers"] if c["name"].startswith("ray-")]
-            requests = container["resources"]["requests"]
-            for key in ("cpu", "memory"):
-                assert quantity(requests[key]) <= GPU_NODE[key] - NODE_HEADROOM[key], (f, key, requests[key])
-            assert int(requests["nvidia.com/gpu"]) == 1  # one-GPU node types
-            count += 1
-    assert count == 4
-    # and the jobs still fit in one pod's CPUs: --cpus-per-worker of the training job, a sweep trial's worker
-    (train,) = [argv for _, argv in entrypoint_commands() if argv[0] == "train"]
-    cpus = float(train[train.index("--cpus-per-worker") + 1])
-    (_, cluster), = [(f, s) for f, s in cluster_specs() if f == "raycluster.yaml"]
-    (group,) = gpu_groups(cluster)
-    assert cpus <= quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
 
 
 def test_gpu_work_has_a_priority_class_below_the_systems():
@@ -1037,8 +1038,6 @@ def test_podmonitor_scrapes_every_ray_pod():
 
 
 # ------------------------------------------------------------------------------------- the driver the GPUs need
-# The oldest NVIDIA driver branch each CUDA major release runs on (NVIDIA's CUDA toolkit release notes).
-MIN_DRIVER = {12: 525, 13: 580}
 
 
 def pinned_cuda_major() -> int:
@@ -1106,3 +1105,464 @@ def test_every_ray_pod_can_pull_from_a_private_registry():
     assert len(names) == 1, names
     ((name,),) = names
     assert f"create secret docker-registry {name}" in docs
+
+
+# ------------------------------------------------------------------------------- capacity (docs/deploy.md, step 0)
+GIB = 2**30
+MIB = 2**20
+# Daemon-set requests assumed on a node (CNI, kube-proxy, CSI node plugins, device plugin, logging/metrics agents).
+DAEMON_SETS = {"cpu": 0.6, "memory": 1.5 * GIB}
+
+
+def gke_allocatable(cpus: int, memory_gib: float) -> dict[str, float]:
+    """GKE's reservations (cloud.google.com/kubernetes-engine/docs/concepts/plan-node-sizes): memory 25% of the first
+    4 GiB, 20% of the next 4, 10% of the next 8, 6% of the next 112, 2% above 128, plus 100 MiB for eviction; CPU 6% of
+    the first core, 1% of the next, 0.5% of the next 2, 0.25% above 4."""
+    tiers, left, reserved = [(4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06), (float("inf"), 0.02)], memory_gib, 0.0
+    for size, share in tiers:
+        reserved += min(left, size) * share
+        left -= min(left, size)
+        if left <= 0:
+            break
+    return {"cpu": cpus - kube_reserved_cpu(cpus), "memory": (memory_gib - reserved) * GIB - 100 * MIB}
+
+
+def kube_reserved_cpu(cpus: int) -> float:
+    shares = [0.06] + [0.01] + [0.005] * 2 + [0.0025] * max(cpus - 4, 0)
+    return sum(shares[:cpus])
+
+
+def eks_allocatable(cpus: int, memory_gib: float, max_pods: int) -> dict[str, float]:
+    """The EKS-optimized AMIs' bootstrap: kube-reserved memory 255 MiB + 11 MiB per pod the node may run, 100 MiB for
+    eviction; CPU as on GKE."""
+    return {"cpu": cpus - kube_reserved_cpu(cpus), "memory": memory_gib * GIB - (255 + 11 * max_pods) * MIB - 100 * MIB}
+
+
+GPU_NODES = {"g2-standard-8 (GKE)": gke_allocatable(8, 32), "g5.2xlarge (EKS)": eks_allocatable(8, 32, 58)}
+CPU_NODES = {"n2-standard-8 (GKE)": gke_allocatable(8, 32), "m5.2xlarge (EKS)": eks_allocatable(8, 32, 58)}
+
+
+def deploy_docs() -> str:
+    """docs/deploy.md as one line of words: wrapped sentences and continued commands (`\\` newline) joined."""
+    return " ".join((ROOT / "docs" / "deploy.md").read_text().replace("\\\n", " ").split())
+
+
+def test_the_documented_allocatable_figures_follow_the_clouds_formulas():
+    docs = deploy_docs()
+    gke, eks = gke_allocatable(8, 32), eks_allocatable(8, 32, 58)
+    assert f"**{gke['memory'] / GIB:.2f} GiB and {gke['cpu']:.2f} CPU allocatable**" in docs
+    assert f"**{eks['memory'] / GIB:.1f} GiB and {eks['cpu']:.2f} CPU allocatable**" in docs
+    # GKE's own worked example: a 150 GiB node reserves 9.8577 GiB with the eviction threshold, 140.1423 allocatable
+    assert round(gke_allocatable(8, 150)["memory"] / GIB, 4) == 140.1423
+
+
+def pod_requests(pod: dict, extra: list[dict] = ()) -> dict[str, float]:
+    """What the scheduler counts for a pod: its containers' requests summed (init containers run before them)."""
+    total = {"cpu": 0.0, "memory": 0.0}
+    for c in pod["containers"] + list(extra):
+        for key in total:
+            total[key] += quantity(c["resources"]["requests"][key])
+    return total
+
+
+def test_gpu_workers_fit_each_node_type_with_its_reservations_and_daemon_sets():
+    count = 0
+    for f, spec in cluster_specs():
+        for g in gpu_groups(spec):
+            need = pod_requests(g["template"]["spec"])
+            assert g["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "1"  # per node
+            for node, allocatable in GPU_NODES.items():
+                for key in need:
+                    assert need[key] + DAEMON_SETS[key] <= allocatable[key], (f, node, key, need[key])
+            count += 1
+    assert count == 4
+    # and the jobs still fit in one pod's CPUs: --cpus-per-worker of the training job
+    (train,) = [argv for _, argv in entrypoint_commands() if argv[0] == "train"]
+    cpus = float(train[train.index("--cpus-per-worker") + 1])
+    (_, cluster), = [(f, s) for f, s in cluster_specs() if f == "raycluster.yaml"]
+    (group,) = gpu_groups(cluster)
+    assert cpus <= quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+
+
+def head_pod_requests(spec: dict) -> dict[str, float]:
+    """A head pod's requests: the head container plus the autoscaler sidecar KubeRay adds with autoscalerOptions."""
+    return pod_requests(spec["headGroupSpec"]["template"]["spec"], [spec["autoscalerOptions"]])
+
+
+def documented_max(pattern: str) -> int:
+    values = {int(v) for v in re.findall(pattern, deploy_docs())}
+    assert len(values) == 1, (pattern, values)
+    return values.pop()
+
+
+def eks_config() -> dict:
+    return yaml.safe_load((K8S / "eks" / "cluster.yaml").read_text())
+
+
+def test_gpu_demand_fits_the_documented_pool_at_every_stage():
+    """docs/deploy.md's stages, from the manifests: the jobs together (the sweep as many trials as its cluster's
+    GPU workers hold, the training job its workers), then the service at its maximum plus a NewCluster upgrade's
+    second cluster at its minimum. Each fits the GPU pool the GKE and EKS commands create."""
+    from gan_ray.cli import build_parser
+
+    gke_pool = documented_max(r"gpu-l4 --cluster gan-ray .*?--max-nodes (\d+)")
+    (gpu_group,) = [g for g in eks_config()["managedNodeGroups"] if g["name"].startswith("gpu")]
+    assert gke_pool == gpu_group["maxSize"] and gpu_group["minSize"] == 0
+    per_node = 1  # nvidia.com/gpu of the node types (g2-standard-8, g5.2xlarge)
+
+    def workers(argv: list[str]) -> float:
+        from gan_ray.cli.flags import resolve_train_config
+
+        cfg = resolve_train_config(build_parser().parse_args(argv))
+        return cfg.workers * cfg.gpus_per_worker / per_node
+
+    jobs = {o["metadata"]["name"]: o for _, o in of_kind("RayJob")}
+    train_argv = [argv for f, argv in entrypoint_commands() if argv[0] == "train"][0]
+    tune_spec = jobs["gan-ray-tune"]["spec"]["rayClusterSpec"]
+    (tune_group,) = gpu_groups(tune_spec)
+    stage_jobs = workers(train_argv) + tune_group["maxReplicas"]  # a sweep fills the largest cluster it can grow to
+    (_, service), = of_kind("RayService")
+    (svc_group,) = gpu_groups(service["spec"]["rayClusterConfig"])
+    stage_service = svc_group["maxReplicas"] + svc_group["minReplicas"]
+    assert stage_jobs <= gke_pool and stage_service <= gke_pool, (stage_jobs, stage_service, gke_pool)
+    docs = deploy_docs()
+    assert f"**GPU pool scales from 0 to {gke_pool} nodes**" in docs
+    # all at once would not fit: the reason the docs apply in stages
+    assert stage_jobs + svc_group["maxReplicas"] > gke_pool
+
+
+def test_the_cpu_pool_holds_the_heads_of_each_stage():
+    """Two heads (each with its autoscaler sidecar) plus the small pods per 8 vCPU / 32 GiB node; the jobs stage
+    (3 heads, 2 submitters, Redis) and the service stage with an upgrade (3 heads, Redis) on two nodes, the worst
+    overlap (5 heads) on the pool's maximum."""
+    heads = [head_pod_requests(spec) for _, spec in cluster_specs()]
+    head = {k: max(h[k] for h in heads) for k in ("cpu", "memory")}
+    submitter = {k: max(pod_requests(o["spec"]["submitterPodTemplate"]["spec"])[k] for _, o in of_kind("RayJob"))
+                 for k in ("cpu", "memory")}
+    (_, redis), = of_kind("Deployment")
+    small = {k: 2 * submitter[k] + pod_requests(redis["spec"]["template"]["spec"])[k] for k in ("cpu", "memory")}
+    (cpu_group,) = [g for g in eks_config()["managedNodeGroups"] if g["name"] == "cpu"]
+    assert cpu_group["maxSize"] == documented_max(r"--machine-type n2-standard-8 .*?--max-nodes (\d+)")
+    for node, allocatable in CPU_NODES.items():
+        room = {k: allocatable[k] - DAEMON_SETS[k] for k in allocatable}
+        assert all(2 * head[k] + small[k] <= room[k] for k in room), (node, head, small, room)  # 2 heads + the rest
+        assert 3 * head["cpu"] > room["cpu"]  # hence two per node
+    assert -(-5 // 2) <= cpu_group["maxSize"]  # five heads at the worst overlap, two per node
+    assert f"{head['cpu']:g} CPU / {head['memory'] / GIB:g} GiB a head" in deploy_docs()
+
+
+def test_root_disks_are_sized_for_the_image():
+    """EKS's default node volume (20 GiB) does not hold the image: every node group sets 100 GiB, as does the GKE
+    command, and the docs state the measured size of the image's Python layer."""
+    for group in eks_config()["managedNodeGroups"]:
+        assert group["volumeSize"] >= 100, group["name"]
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert docs.count("--disk-size 100") == 2
+    assert re.search(r"is \d+\.\d+ GiB on disk", docs)
+
+
+# ------------------------------------------------------------------------------------------------ QoS classes
+def qos_class(pod: dict, extra_containers: list[dict] = ()) -> str:
+    """Kubernetes' QoS class of a pod (pkg/apis/core/helper/qos): Guaranteed when every container, init containers
+    included, has CPU and memory limits equal to its requests (requests default to limits); BestEffort when none sets
+    any; else Burstable."""
+    containers = pod["containers"] + pod.get("initContainers", []) + list(extra_containers)
+    if not any(c.get("resources") for c in containers):
+        return "BestEffort"
+    for c in containers:
+        res = c.get("resources", {})
+        limits, requests = res.get("limits", {}), res.get("requests", {}) or res.get("limits", {})
+        for key in ("cpu", "memory"):
+            if key not in limits or quantity(requests.get(key, limits[key])) != quantity(limits[key]):
+                return "Burstable"
+    return "Guaranteed"
+
+
+# KubeRay v1.7's worker init container (common/pod.go, DefaultWorkerPodTemplate): 200m / 256Mi, requests = limits.
+KUBERAY_INIT = {"name": "wait-gcs-ready", "resources": {"requests": {"cpu": "200m", "memory": "256Mi"},
+                                                        "limits": {"cpu": "200m", "memory": "256Mi"}}}
+
+
+def test_every_pod_is_guaranteed_as_the_docs_say():
+    assert qos_class({"containers": [{"resources": {"requests": {"cpu": "1", "memory": "1Gi"},
+                                                    "limits": {"cpu": "2", "memory": "1Gi"}}}]}) == "Burstable"
+    count = 0
+    for f, spec in cluster_specs():
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert qos_class(head, [{"name": "autoscaler", "resources": spec["autoscalerOptions"]["resources"]}]) \
+            == "Guaranteed", (f, "head")
+        for g in spec["workerGroupSpecs"]:
+            assert qos_class(g["template"]["spec"], [KUBERAY_INIT]) == "Guaranteed", (f, g["groupName"])
+            count += 2
+    for f, o in of_kind("RayJob"):
+        assert qos_class(o["spec"]["submitterPodTemplate"]["spec"]) == "Guaranteed", f
+        count += 1
+    for f, o in of_kind("Deployment"):
+        assert qos_class(o["spec"]["template"]["spec"]) == "Guaranteed", f
+        count += 1
+    (job,) = [o for o in yaml.safe_load_all((STORAGE / "chown-shared.yaml").read_text()) if o]
+    assert qos_class(job["spec"]["template"]["spec"]) == "Guaranteed"
+    assert count == 11
+    assert "every pod is in the Guaranteed QoS class" in deploy_docs()
+
+
+# ----------------------------------------------------------------------------------- the service's replicas
+def test_serve_replicas_one_per_gpu_worker_and_the_maximum_is_reachable():
+    """max_replicas_per_node 1 (not Serve's best-effort spread) keeps two replicas off one node; with one per
+    worker, Serve's max_replicas is exactly the GPU workers the group may grow to, each of which holds one."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from gan_ray.serve.schema import ServeArgs
+
+    (_, cfg), = serve_configs()
+    (app,) = ServeDeploySchema.model_validate(cfg).applications
+    (override,) = app.deployments
+    assert override.name == "GeneratorServer" and override.max_replicas_per_node == 1
+    from gan_ray.serve.deployment import GeneratorServer
+
+    assert GeneratorServer.name == override.name  # the override names the app's real deployment
+    args = ServeArgs.model_validate(app.args)
+    (_, service), = of_kind("RayService")
+    (group,) = gpu_groups(service["spec"]["rayClusterConfig"])
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    per_worker = min(override.max_replicas_per_node, int(float(limits["nvidia.com/gpu"]) // args.gpus_per_replica),
+                     int(quantity(limits["cpu"]) // args.cpus_per_replica))
+    assert per_worker == 1
+    assert args.max_replicas == group["maxReplicas"] * per_worker  # every worker the group may add gets a replica
+    assert args.min_replicas == group["minReplicas"] * per_worker >= 2
+
+
+def test_disruption_budgets_cover_the_services_head_and_serve_workers_only():
+    budgets = {o["metadata"]["name"]: o for _, o in of_kind("PodDisruptionBudget")}
+    assert set(budgets) == {"gan-ray-serve-head", "gan-ray-serve-workers"}
+    (_, service), = of_kind("RayService")
+    spec = service["spec"]["rayClusterConfig"]
+    head_labels = spec["headGroupSpec"]["template"]["metadata"]["labels"]
+    (group,) = gpu_groups(spec)
+    worker_labels = group["template"]["metadata"]["labels"]
+    assert head_labels["app.kubernetes.io/instance"] == worker_labels["app.kubernetes.io/instance"] == SERVICE_INSTANCE
+
+    def selects(budget: dict) -> list[dict]:
+        return [labels for labels in pod_labels() if label_selector_matches(budget["spec"]["selector"], labels)]
+
+    assert selects(budgets["gan-ray-serve-head"]) == [head_labels]  # not the RayCluster's or the jobs' heads
+    assert selects(budgets["gan-ray-serve-workers"]) == [worker_labels]
+    assert budgets["gan-ray-serve-head"]["spec"]["maxUnavailable"] == 0
+    assert budgets["gan-ray-serve-workers"]["spec"]["maxUnavailable"] == 1 < group["minReplicas"]
+    for budget in budgets.values():
+        assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+# -------------------------------------------------------------------------------------------------- the image
+def test_the_image_is_addressed_by_digest_and_a_new_digest_upgrades_the_service(tmp_path):
+    """A re-pushed tag changes no pod spec (nodes keep the old image, the RayService does not upgrade); a digest
+    per build does. The kustomization pins a digest (its all-zero placeholder pulls nothing), and a new digest set
+    as the docs' build step sets it changes every Ray pod's image and so the RayService's cluster spec."""
+    kz = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (rewrite,) = kz["images"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", rewrite["digest"]) and "newTag" not in rewrite
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    build = docs[docs.index("### 3. The image"):docs.index("### 4. Storage")]
+    assert "docker buildx build --platform linux/amd64" in build
+    assert 'kustomize edit set image "gan-ray=${IMAGE%:*}@$DIGEST"' in build
+    if KUBECTL is None:
+        pytest.skip("kubectl (with its built-in kustomize) not installed")
+
+    def service_spec(digest: str) -> dict:
+        copy_dir = tmp_path / digest[-4:]
+        shutil.copytree(K8S, copy_dir)
+        kz2 = copy.deepcopy(kz)
+        kz2["images"] = [{"name": "gan-ray", "newName": "123456789012.dkr.ecr.us-west-2.amazonaws.com/gan-ray",
+                          "digest": digest}]
+        (copy_dir / "kustomization.yaml").write_text(yaml.safe_dump(kz2))
+        objects = kustomize(copy_dir)
+        images = {c["image"] for _, spec in built_cluster_specs(objects)
+                  for g in [spec["headGroupSpec"]] + spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]}
+        assert images == {f"123456789012.dkr.ecr.us-west-2.amazonaws.com/gan-ray@{digest}"}
+        (svc,) = [o for o in objects if o["kind"] == "RayService"]
+        return svc["spec"]["rayClusterConfig"]
+
+    assert service_spec("sha256:" + "a" * 64) != service_spec("sha256:" + "b" * 64)
+
+
+def test_the_documented_tag_is_one_per_build():
+    """The docs' TAG line, run here in a copy of this checkout: the commit, and a dirty tree gets a tag of its own."""
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    (line,) = [x for x in docs.splitlines() if x.startswith("TAG=")]
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["bash", "-c", f"{line} && echo $TAG"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    head = subprocess.run([git, "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    tag = r.stdout.strip()
+    dirty = subprocess.run([git, "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    assert tag == head if not dirty else re.fullmatch(rf"{head}-dirty-\d+", tag), tag
+    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", tag)  # a valid image tag
+
+
+def test_the_chown_job_comes_before_anything_writes_to_the_volume():
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    chown = docs.index("kubectl apply -f k8s/storage/chown-shared.yaml")
+    for stage in ("kubectl create -k k8s/ -l app.kubernetes.io/component=tune-job",
+                  "kubectl create -k k8s/ -l app.kubernetes.io/component=train-job",
+                  "kubectl apply -k k8s/ -l app.kubernetes.io/component=serve"):
+        assert chown < docs.index(stage), stage
+    assert docs.index("kubectl apply -k k8s/ -l 'app.kubernetes.io/component notin") < chown  # the claim exists
+
+
+def test_eks_prerequisites_are_commands():
+    """The node autoscaler (and its IAM role), the device plugin and the CSI drivers' IAM roles, installed by the
+    commands of docs/deploy.md and k8s/eks/cluster.yaml, not only named."""
+    cfg = eks_config()
+    assert cfg["apiVersion"] == "eksctl.io/v1alpha5" and cfg["kind"] == "ClusterConfig"
+    assert cfg["iam"]["withOIDC"] is True
+    accounts = {a["metadata"]["name"]: a for a in cfg["iam"]["serviceAccounts"]}
+    assert accounts["cluster-autoscaler"]["wellKnownPolicies"] == {"autoScaler": True}
+    addons = {a["name"]: a for a in cfg["addons"]}
+    assert addons["aws-efs-csi-driver"]["wellKnownPolicies"] == {"efsCSIController": True}
+    assert addons["aws-ebs-csi-driver"]["wellKnownPolicies"] == {"ebsCSIController": True}
+    (gpu,) = [g for g in cfg["managedNodeGroups"] if g["name"].startswith("gpu")]
+    assert gpu["instanceType"] == "g5.2xlarge" and gpu["propagateASGTags"] is True
+    assert {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"} in gpu["taints"]
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert "eksctl create cluster -f k8s/eks/cluster.yaml" in docs
+    assert "helm install cluster-autoscaler autoscaler/cluster-autoscaler" in docs
+    assert "--set rbac.serviceAccount.name=cluster-autoscaler" in docs  # the account with the IAM role
+    assert re.search(r"kubectl apply -f https://raw\.githubusercontent\.com/NVIDIA/k8s-device-plugin/v[\d.]+/", docs)
+
+
+# ------------------------------------------------------------------------------- the operator's validation rules
+# KubeRay v1.7.0's own admission of a spec (ray-operator/controllers/ray/utils/validation.go: ValidateRayClusterSpec,
+# ValidateRayJobSpec, ValidateRayServiceSpec and the metadata rules), for the fields these manifests use; the
+# operator rejects a spec that breaks one with an event and never reconciles it. The CRD schemas do not express
+# these rules. Rules about fields the manifests never set (TLS, network policy, history server, suspend, cluster
+# selectors, deletion rules, K8s token auth) are left out; the CEL test above keeps most of those fields unused.
+def operator_cluster_spec_errors(spec: dict, annotations: dict | None = None) -> list[str]:
+    annotations = annotations or {}
+    errors = []
+    head = spec["headGroupSpec"]
+    if not head["template"]["spec"].get("containers"):
+        return ["headGroupSpec should have at least one container"]
+    head_env = {e["name"]: e for e in head["template"]["spec"]["containers"][0].get("env", [])}
+    autoscaling = spec.get("enableInTreeAutoscaling") is True
+    v2 = (spec.get("autoscalerOptions") or {}).get("version") == "v2"
+    groups = [("Head", head)] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    for name, g in groups:
+        params = g.get("rayStartParams", {})
+        if any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")) and g.get("resources"):
+            errors.append(f"{name}: resources in both rayStartParams and Resources")
+        if "labels" in params:
+            errors.append(f"{name}: rayStartParams['labels'] is not supported")
+    for g in spec.get("workerGroupSpecs", []):
+        name = g["groupName"]
+        if not g["template"]["spec"].get("containers"):
+            errors.append(f"{name}: no container")
+        lo, hi = g.get("minReplicas"), g.get("maxReplicas")
+        if not autoscaling and (lo is None or hi is None):
+            errors.append(f"{name}: minReplicas and maxReplicas required without autoscaling")
+        if (lo is not None and lo < 0) or (hi is not None and hi < 0):
+            errors.append(f"{name}: negative replicas")
+        if lo is not None and hi is not None and lo > hi:
+            errors.append(f"{name}: minReplicas {lo} > maxReplicas {hi}")
+        timeout = g.get("idleTimeoutSeconds")
+        if timeout is not None and (timeout < 0 or not (v2 or head_env.get("RAY_enable_autoscaler_v2", {})
+                                                          .get("value") in ("1", "true"))):
+            errors.append(f"{name}: idleTimeoutSeconds needs autoscaler v2 and >= 0")
+        if autoscaling and v2 and g["template"]["spec"].get("restartPolicy", "Never") != "Never":
+            errors.append(f"{name}: restartPolicy must be Never or unset with autoscaler v2")
+    if autoscaling and v2 and head["template"]["spec"].get("restartPolicy", "Never") != "Never":
+        errors.append("head: restartPolicy must be Never or unset with autoscaler v2")
+    if autoscaling and spec.get("autoscalerOptions", {}).get("version") and "RAY_enable_autoscaler_v2" in head_env:
+        errors.append("both autoscalerOptions.version and RAY_enable_autoscaler_v2 set")
+    ft = spec.get("gcsFaultToleranceOptions")
+    if annotations.get("ray.io/ft-enabled") and ft is not None:
+        errors.append("ray.io/ft-enabled annotation and GcsFaultToleranceOptions both set")
+    if ft is None and not str(annotations.get("ray.io/ft-enabled", "")).lower() == "true" \
+            and "RAY_REDIS_ADDRESS" in head_env:
+        errors.append("RAY_REDIS_ADDRESS without GcsFaultToleranceOptions")
+    if ft is not None:
+        if head.get("rayStartParams", {}).get("redis-password"):
+            errors.append("redis-password in rayStartParams with GcsFaultToleranceOptions")
+        if "REDIS_PASSWORD" in head_env or "RAY_REDIS_ADDRESS" in head_env:
+            errors.append("REDIS_PASSWORD / RAY_REDIS_ADDRESS env with GcsFaultToleranceOptions")
+        if ft.get("backend", "redis") == "redis" and ft.get("storage") is not None:
+            errors.append("GcsFaultToleranceOptions.storage with the redis backend")
+    if (spec.get("autoscalerOptions") or {}).get("idleTimeoutSeconds", 0) < 0:
+        errors.append("autoscalerOptions.idleTimeoutSeconds < 0")
+    if (spec.get("authOptions") or {}).get("mode") == "token":
+        version = tuple(int(x) for x in str(spec.get("rayVersion", "0")).split(".")[:3])
+        if version < (2, 52, 0):
+            errors.append("authOptions.mode token needs rayVersion >= 2.52.0")
+    return errors
+
+
+def operator_errors(obj: dict) -> list[str]:
+    """What KubeRay v1.7.0 refuses in one RayCluster, RayJob or RayService (with its metadata rules)."""
+    name, kind, spec = obj["metadata"]["name"], obj["kind"], obj["spec"]
+    limit = {"RayCluster": 53, "RayJob": 47, "RayService": 47}[kind]
+    errors = [] if len(name) <= limit and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) else [f"name {name}"]
+    annotations = obj["metadata"].get("annotations")
+    if kind == "RayCluster":
+        errors += operator_cluster_spec_errors(spec, annotations)
+        if spec.get("upgradeStrategy", {}).get("type") not in (None, "Recreate", "None"):
+            errors.append("RayCluster upgradeStrategy")
+    elif kind == "RayJob":
+        if spec.get("ttlSecondsAfterFinished", 0) < 0:
+            errors.append("ttlSecondsAfterFinished < 0")
+        if not spec.get("shutdownAfterJobFinishes") and spec.get("ttlSecondsAfterFinished", 0) > 0:
+            errors.append("ttlSecondsAfterFinished without shutdownAfterJobFinishes")
+        if "rayClusterSpec" not in spec and not spec.get("clusterSelector"):
+            errors.append("one of rayClusterSpec or clusterSelector")
+        mode = spec.get("submissionMode", "K8sJobMode")
+        if mode == "InteractiveMode" and spec.get("backoffLimit", 0) > 0:
+            errors.append("backoffLimit with InteractiveMode")
+        if mode == "SidecarMode" and ("submitterPodTemplate" in spec or "submitterConfig" in spec):
+            errors.append("SidecarMode with a submitter")
+        if "rayClusterSpec" in spec:
+            errors += operator_cluster_spec_errors(spec["rayClusterSpec"], annotations)
+        for key in ("activeDeadlineSeconds", "preRunningDeadlineSeconds"):
+            if key in spec and spec[key] <= 0:
+                errors.append(f"{key} <= 0")
+        if spec.get("backoffLimit", 0) < 0:
+            errors.append("backoffLimit < 0")
+        yaml.safe_load(spec.get("runtimeEnvYAML", "") or "{}")  # the operator unmarshals it
+    else:
+        errors += operator_cluster_spec_errors(spec["rayClusterConfig"], annotations)
+        if spec["rayClusterConfig"]["headGroupSpec"].get("headService", {}).get("metadata", {}).get("name"):
+            errors.append("headService name set")
+        if spec.get("upgradeStrategy", {}).get("type") not in (None, "None", "NewCluster",
+                                                                 "NewClusterWithIncrementalUpgrade"):
+            errors.append("upgradeStrategy type")
+        if spec.get("rayClusterDeletionDelaySeconds", 0) < 0:
+            errors.append("rayClusterDeletionDelaySeconds < 0")
+    return errors
+
+
+@pytest.mark.parametrize("name,obj", [m for m in manifests() if m[1]["kind"] in RAY_KINDS],
+                         ids=lambda v: v if isinstance(v, str) else v.get("metadata", {}).get("name"))
+def test_the_operator_accepts_every_ray_object(name, obj):
+    assert operator_errors(obj) == [], name
+
+
+def test_the_operator_rules_have_teeth():
+    (_, cluster), = of_kind("RayCluster")
+    (_, service), = of_kind("RayService")
+    (_, job), = [(f, o) for f, o in of_kind("RayJob") if o["metadata"]["name"] == "gan-ray-train"]
+    breaks = [
+        (cluster, lambda o: o["spec"]["workerGroupSpecs"][0].__setitem__("minReplicas", 5)),
+        (cluster, lambda o: o["spec"]["workerGroupSpecs"][0]["template"]["spec"].__setitem__("restartPolicy",
+                                                                                               "Always")),
+        (cluster, lambda o: o["spec"]["autoscalerOptions"].__setitem__("version", "v1")),  # idleTimeoutSeconds
+        (cluster, lambda o: o["spec"]["headGroupSpec"]["rayStartParams"].__setitem__("labels", "a=b")),
+        (service, lambda o: o["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+         .setdefault("env", []).append({"name": "REDIS_PASSWORD", "value": "x"})),
+        (service, lambda o: o["spec"]["upgradeStrategy"].__setitem__("type", "Blue")),
+        (job, lambda o: o["spec"].__setitem__("shutdownAfterJobFinishes", False)),
+        (job, lambda o: o["metadata"].__setitem__("name", "x" * 48)),
+    ]
+    for obj, mutate in breaks:
+        bad = copy.deepcopy(obj)
+        mutate(bad)
+        assert operator_errors(bad), mutate

@@ -24,9 +24,9 @@ def add_command(sub) -> None:
     add_address(p)
     add_ingress(p)
     p.add_argument("--wait-for-model", action="store_true",
-                   help="serve even if --model does not (yet) hold a model: GET /healthz and every request answer "
-                        "503 with the reason until one appears there (e.g. a sweep's --export), then it is served. "
-                        "Without it a missing or corrupt model is refused at once")
+                   help="deploy even if --model does not (yet) hold a model: the app stays DEPLOYING (not ready; "
+                        "requests wait, the replica log says why) until one appears there (e.g. a sweep's --export), "
+                        "then it serves. Without it a missing or corrupt model is refused at once")
     p.add_argument("--build", action="store_true", help="print the `serve deploy` config YAML and exit")
     p.add_argument("--out", default=None, help="with --build: write the YAML to this file instead of stdout")
     p.set_defaults(func=run)
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
                             wait_for_model=args.wait_for_model)
         print(f"serving {Path(args.model).resolve()} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
         if args.wait_for_model:
-            print(f"  until a model is there, GET {url}/healthz and every request answer 503 saying why",
-                  flush=True)
+            print(f"  not ready until a model is there: the app stays DEPLOYING (`serve status`), requests wait, "
+                  "and the replica log says why", flush=True)
         print(f"  try: curl -s -X POST {url}/v1/generate -H 'Content-Type: application/json' "
               "-d '{\"n\": 16, \"seed\": 1}' -o grid.png", flush=True)
         while True:  # until Ctrl-C or SIGTERM (which the CLI turns into a Ctrl-C)

@@ -56,7 +56,10 @@ def wait_seconds(value: float | None = None) -> float:
 
 class Autoscaler:
     """The cluster's autoscaler (v2), asked and watched through the GCS: can the cluster ever hold these bundles,
-    and how far has it got launching nodes for them."""
+    and how far has it got launching nodes for them. `of_this_cluster()` finds the one a driver joined: this v2,
+    a `LegacyAutoscaler` (v1), or None."""
+
+    verdicts = True  # it answers "can the cluster ever hold this?" (v1 does not)
 
     def __init__(self, gcs_address: str):
         from ray._raylet import GcsClient
@@ -67,14 +70,14 @@ class Autoscaler:
     @classmethod
     def of_this_cluster(cls) -> "Autoscaler | None":
         """The autoscaler of the cluster this driver joined, or None where there is none that can add nodes for a
-        request (a fixed cluster: `ray.init()`, `ray start` without a config, an autoscaler v1)."""
+        request (a fixed cluster: `ray.init()`, `ray start` without a config)."""
         import ray
         from ray.autoscaler.v2.utils import is_autoscaler_v2
 
         scaler = cls(ray.get_runtime_context().gcs_address)
         try:
             if not is_autoscaler_v2(fetch_from_server=True, gcs_client=scaler.gcs):
-                return None
+                return LegacyAutoscaler.of(scaler.gcs_address)
             deadline = time.monotonic() + STARTUP_GRACE_S
             while scaler.status().autoscaling_state.autoscaler_state_version == 0:  # not reporting (yet)
                 if time.monotonic() > deadline:
@@ -132,6 +135,68 @@ class Autoscaler:
         return pending, failure
 
 
+# Ray's autoscaler v1 (`ray up` before Ray 2.50, KubeRay's autoscalerOptions.version v1, RAY_enable_autoscaler_v2=0)
+# launches nodes for the same request (`request_resources` writes it to the GCS; the v1 monitor reads it every
+# round), but it answers no question: what can never fit stays a pending demand, reported in no structured way. So
+# on v1 a job waits (same progress line, same timeout) without a verdict. The v1 monitor does publish its state
+# every round, as JSON under the GCS key `ray status` reads (DEBUG_AUTOSCALING_STATUS): nodes per type, launches
+# pending, failed nodes. On a cluster started without an autoscaling config (`ray start`, `ray.init()`), the same
+# monitor runs Ray's read-only provider, which can add nothing and names each node's type after the node
+# (`format_readonly_node_type`): that is a fixed cluster.
+LEGACY_STALE_S = 60.0  # a status older than this: no v1 monitor running
+
+
+class LegacyAutoscaler(Autoscaler):
+    """Ray's autoscaler v1: asked like v2 (a cluster resource request), watched through its published status;
+    it gives no verdict on what it can never hold."""
+
+    verdicts = False
+
+    @classmethod
+    def of(cls, gcs_address: str) -> "LegacyAutoscaler | None":
+        """The v1 autoscaler of this cluster if one is running with node types it can add, else None."""
+        import ray
+        from ray.autoscaler._private.util import format_readonly_node_type
+
+        scaler = cls(gcs_address)
+        report = scaler.report()
+        if report is None:
+            return None
+        types = {t for group in ("active_nodes", "idle_nodes", "pending_launches") for t in report.get(group) or {}}
+        types |= {t for _ip, t, *_ in report.get("pending_nodes") or []}
+        readonly = {format_readonly_node_type(n["NodeID"]) for n in ray.nodes()}
+        return None if types <= readonly else scaler
+
+    def report(self) -> dict | None:
+        """The v1 monitor's last autoscaler report (nodes per type, pending launches, failed nodes), or None if
+        no v1 monitor has reported in the last minute."""
+        import json
+
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+
+        raw = self.gcs.internal_kv_get(DEBUG_AUTOSCALING_STATUS.encode(), namespace=None)
+        if not raw:
+            return None
+        status = json.loads(raw)
+        if time.time() - status.get("time", 0) > LEGACY_STALE_S:
+            return None
+        return status.get("autoscaler_report")
+
+    def can_hold(self, bundles: list[Bundle]) -> bool:
+        """v1 gives no verdict: asked for, `bundles` count as a yes (the wait's timeout ends a job that never
+        fits)."""
+        self.request(bundles)
+        return True
+
+    def launching(self) -> tuple[int, str]:
+        report = self.report() or {}
+        pending = sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
+        failed = report.get("failed_nodes") or []
+        failure = f"{len(failed)} node(s) failed to start ({', '.join(sorted({t for _ip, t in failed}))})" \
+            if failed else ""
+        return pending, failure
+
+
 def never_fits(bundles: list[Bundle], what: str) -> str:
     """The one line for bundles the autoscaler says no cluster it can grow to will hold. Its verdict does not
     say why, and asking it about smaller pieces would launch nodes for those that fit (a GPU node kept up for its
@@ -154,7 +219,8 @@ def wait_for_resources(bundles: list[Bundle], what: str, *, timeout_s: float, ho
 
     - Fits now: return at once.
     - No autoscaler (a fixed cluster): refused at once, saying what its nodes lack (`cannot_hold`).
-    - An autoscaler: refused at once (one line) if the cluster can never hold them; else wait, asking it for
+    - An autoscaler: refused at once (one line) if the cluster can never hold them (v2; v1 gives no verdict, so
+      there a job that never fits runs into the timeout); else wait, asking it for
       `hold` meanwhile (default `bundles`; a sweep asks for all its concurrent trials but waits for one), with a
       progress line every few seconds and a UserError naming what is still missing after `timeout_s`.
       `checked`: the caller has had the autoscaler's yes already (with `scaler`).
@@ -168,6 +234,9 @@ def wait_for_resources(bundles: list[Bundle], what: str, *, timeout_s: float, ho
     with scaler.requesting():
         if not checked and not scaler.can_hold(bundles):
             raise UserError(never_fits(bundles, what))
+        if not scaler.verdicts:
+            print_fn(f"[cluster] this cluster's autoscaler (v1) does not say whether it can ever hold {what}: "
+                     f"waiting up to {timeout_s:.0f} s for its nodes")
         t0 = time.monotonic()
         last_line, last_print = "", -PROGRESS_EVERY_S
         while True:

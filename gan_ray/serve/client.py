@@ -74,34 +74,20 @@ def model_info(url: str, timeout: float = 10.0) -> dict[str, Any]:
     return _request(url.rstrip("/") + "/v1/model", timeout=timeout).json()
 
 
-NOT_LOADED = "model not loaded"  # how the app's 503 starts while a replica waits for its model
-
-
-def wait_ready(url: str, timeout_s: float = 120.0, ready: tuple[int, ...] = (200,)) -> None:
-    """Poll /healthz until it answers 200, or 503 from the app itself if `ready` holds it (the app is up, its model
-    not yet) (Serve's proxy may come up a moment after `serve.run` returns)."""
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Poll /healthz until it answers 200 (Serve's proxy may come up a moment after `serve.run` returns)."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             resp = requests.get(url.rstrip("/") + "/healthz", timeout=5)
-            if resp.status_code == 200 or (resp.status_code in ready and str(
-                    _json_or_empty(resp).get("detail", "")).startswith(NOT_LOADED)):
+            if resp.status_code == 200:
                 return
             last = RuntimeError(f"HTTP {resp.status_code}")
         except requests.RequestException as exc:
             last = exc
         time.sleep(0.2)
     raise UserError(f"{url} did not become ready within {timeout_s:.0f}s ({last})")
-
-
-def _json_or_empty(resp) -> dict:
-    """The body as a JSON object, or {} (a proxy's own 503 while no replica is up is not the app's answer)."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 def save(result: Generated, out: str | Path) -> Path:

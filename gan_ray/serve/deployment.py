@@ -5,11 +5,16 @@ front and a model deployment. Requests from many callers are merged by `@serve.b
 forward (`gan_ray.serve.render`), encoded in that same batched call, so the replica's event loop only parses
 requests and writes responses.
 
-The app starts without its model: a replica whose model directory is missing or malformed (a RayService deployed
-before the sweep that exports its model has finished) does not fail (Serve would mark the app DEPLOY_FAILED after
-a few constructor retries and never try again, and KubeRay resubmits only when serveConfigV2 changes); it polls
-the directory and answers 503 with the reason until a model loads, then serves. `gan-ray serve` still refuses a
-missing model up front, unless told to wait (--wait-for-model).
+The app starts without its model, and is ready only once it has one. A replica whose model directory is missing or
+malformed (a RayService deployed before the sweep that exports its model has finished) neither fails nor pretends:
+its constructor waits, looking at the directory every 2 s and logging why it cannot load, and returns once the
+model loads. Meanwhile the replica is STARTING, so the deployment is not HEALTHY and the app not RUNNING: that is
+what KubeRay reads as "ready" (a new cluster is switched to, or a first one marked ready, only when every app is
+RUNNING), so a `NewCluster` upgrade whose model is missing keeps the old cluster serving instead of switching
+traffic to replicas that cannot answer. Serve never gives up on a slow constructor (it only warns), whereas a
+constructor that raises, or a first health check that fails, counts as a failed start, and a few of those end in
+DEPLOY_FAILED, after which Serve starts no replica again and KubeRay resubmits only when serveConfigV2 changes.
+`gan-ray serve` still refuses a missing model up front, unless told to wait (--wait-for-model).
 
 Ray's own tools use the module-level builder (keep the import path and arguments stable: the KubeRay RayService
 reuses them):
@@ -19,13 +24,11 @@ reuses them):
 """
 import asyncio
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import HTTPException
 from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
@@ -33,7 +36,6 @@ from gan_ray.cluster.connect import ensure_ray
 from gan_ray.cluster.connect import shutdown as shutdown_cluster
 from gan_ray.core.errors import UserError, one_line
 from gan_ray.core.model_dir import MODEL_JSON, WEIGHTS, load_generator
-from gan_ray.serve.client import NOT_LOADED
 from gan_ray.serve.http import GENERATE_ROUTE, job_or_4xx, new_api, page, response
 from gan_ray.serve.render import Job, Rendered, Renderer
 from gan_ray.serve.schema import API_VERSION, APP_NAME, GenerateRequest, ServeArgs
@@ -95,8 +97,6 @@ class BatchStats:
 # stderr, where `gan-ray serve` shows why a model is not loaded.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 MODEL_POLL_S = 2.0  # how often a replica without its model looks again (a stat of three paths)
-NOT_READY = {503: {"description": "the model is not loaded (yet): `detail` says why (not found at PATH, "
-                                  "malformed); the replica keeps looking and serves once it loads"}}
 
 api = new_api()
 
@@ -107,62 +107,46 @@ class GeneratorServer:
     """Ingress and model in one replica (no second deployment hop). Each request is validated by FastAPI, then
     joins a `@serve.batch` that renders many requests with one forward and encodes them in the same call."""
 
-    def __init__(self, model_dir: str, device: str = "cpu", max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.0, torch_threads: int = 1):
+    async def __init__(self, model_dir: str, device: str = "cpu", max_batch_size: int = 32,
+                       batch_wait_timeout_s: float = 0.0, torch_threads: int = 1):
         if device == "cpu":
             torch.set_num_threads(torch_threads)
         else:
             deterministic_cudnn()
         self.model_dir, self.device = model_dir, device
-        self.renderer: Renderer | None = None
-        self.not_ready = f"loading {model_dir}"
         self.render_batch.set_max_batch_size(max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batching = BatchStats()
         self.in_generate = 0  # requests inside generate(): one alone skips the batch queue
-        before = model_signature(model_dir)  # taken before the attempt: a model landing during it is noticed
-        if not self._load():  # no model (yet): serve 503s with the reason, and keep looking
-            threading.Thread(target=self._wait_for_model, args=(before,), name="gan-ray-model-wait",
-                             daemon=True).start()
+        self.renderer: Renderer = await self._wait_for_model()
 
-    def _load(self) -> bool:
-        """Load the model if the directory holds one; otherwise record why not. A missing or malformed model is
-        the deployer's to fix (UserError); anything else is a bug and keeps its traceback in the replica log."""
-        t0 = time.perf_counter()
-        try:
-            renderer = Renderer.load(self.model_dir, self.device)
-        except UserError as exc:
-            if str(exc) != self.not_ready:
-                log.warning("gan-ray: not serving yet: %s (looking again every %gs)", exc, MODEL_POLL_S)
-            self.not_ready = str(exc)
-            return False
-        self.renderer = renderer
-        log.info("gan-ray: loaded %s on %s in %.2fs; one forward per batch: %s", self.model_dir, self.device,
-                 time.perf_counter() - t0, "yes" if renderer.merge_forwards else
-                 "no (a merged forward is not bit-identical on this device; one forward per request)")
-        return True
-
-    def _wait_for_model(self, seen: tuple) -> None:
-        """Poll until a model loads, trying again whenever the directory or its files change."""
+    async def _wait_for_model(self) -> Renderer:
+        """The loaded model: at once if the directory holds one, else once one appears (a try whenever the
+        directory or its files change; every change of reason logged). An async wait: the replica's event loop
+        stays free for Serve's own calls meanwhile."""
+        reason, seen = "", None
         while True:
-            time.sleep(MODEL_POLL_S)
-            now = model_signature(self.model_dir)
-            if now == seen:
-                continue
-            seen = now
-            try:
-                if self._load():
-                    return
-            except Exception as exc:  # never let the waiting thread die: the replica would never serve
-                log.exception("gan-ray: loading %s failed", self.model_dir)
-                self.not_ready = f"cannot load {self.model_dir}: {one_line(exc, 300)}"
-
-    def ready(self) -> Renderer:
-        """The loaded model, or a 503 whose `detail` says why there is none (Retry-After: the poll interval)."""
-        if self.renderer is None:
-            raise HTTPException(status_code=503, detail=f"{NOT_LOADED}: {self.not_ready}",
-                                headers={"Retry-After": f"{MODEL_POLL_S:g}"})
-        return self.renderer
+            now = model_signature(self.model_dir)  # taken before the attempt: a model landing during it is noticed
+            if now != seen:
+                seen = now
+                t0 = time.perf_counter()
+                try:
+                    renderer = Renderer.load(self.model_dir, self.device)
+                except UserError as exc:  # missing or malformed: the deployer's to fix, so keep looking
+                    why = str(exc)
+                except Exception as exc:  # anything else: a bug, with its traceback in the replica log
+                    log.exception("gan-ray: loading %s failed", self.model_dir)
+                    why = f"cannot load {self.model_dir}: {one_line(exc, 300)}"
+                else:
+                    log.info("gan-ray: loaded %s on %s in %.2fs; one forward per batch: %s", self.model_dir,
+                             self.device, time.perf_counter() - t0, "yes" if renderer.merge_forwards else
+                             "no (a merged forward is not bit-identical on this device; one forward per request)")
+                    return renderer
+                if why != reason:
+                    log.warning("gan-ray: not ready: %s (looking again every %gs; the app stays DEPLOYING until "
+                                "a model loads)", why, MODEL_POLL_S)
+                    reason = why
+            await asyncio.sleep(MODEL_POLL_S)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def render_batch(self, jobs: list[Job]) -> list[Rendered]:
@@ -176,14 +160,13 @@ class GeneratorServer:
         self.batching.add(len(jobs))
         return self.renderer.render(jobs)
 
-    @api.post(f"/{API_VERSION}/generate", **{**GENERATE_ROUTE, "responses": {**GENERATE_ROUTE["responses"],
-                                                                                **NOT_READY}})
+    @api.post(f"/{API_VERSION}/generate", **GENERATE_ROUTE)
     async def generate(self, req: GenerateRequest) -> Response:
         """A request that is alone on the replica renders at once; requests that overlap join a batch. The batch
         queue costs several event-loop turns per request (queue, batch task, futures: 7% of the replica's time at
         concurrency 1 in a profile), which buys nothing when there is nobody to merge with.
         One loop turn first lets requests read in the same turn as this one register, so a burst still batches."""
-        job = job_or_4xx(self.ready(), req)
+        job = job_or_4xx(self.renderer, req)
         self.in_generate += 1
         try:
             await asyncio.sleep(0)
@@ -193,14 +176,13 @@ class GeneratorServer:
         finally:
             self.in_generate -= 1
 
-    @api.get(f"/{API_VERSION}/model", summary="the model.json of the model being served", responses=NOT_READY)
+    @api.get(f"/{API_VERSION}/model", summary="the model.json of the model being served")
     async def model(self) -> dict[str, Any]:
         """model.json, plus `serving`: what this replica has batched so far (batching is a promise: it is shown)."""
-        return {**self.ready().model_info(), "serving": self.batching.summary()}
+        return {**self.renderer.model_info(), "serving": self.batching.summary()}
 
-    @api.get("/healthz", summary="readiness: 200 once the model is loaded", responses=NOT_READY)
+    @api.get("/healthz", summary="200: this replica serves (a replica answers only once its model is loaded)")
     async def healthz(self) -> dict[str, str]:
-        self.ready()
         return {"status": "ok"}
 
     @api.get("/", include_in_schema=False)
@@ -280,8 +262,9 @@ def start_serving(model: ServeArgs | str | Path, *, host: str = "127.0.0.1", por
 
     `model`: the settings (ServeArgs), or a model directory with ServeArgs fields as `options` (min_replicas=...,
     target_ongoing=...). `ingress` (haproxy | proxy, see gan_ray.cluster) applies when this call starts the Ray
-    cluster. Model errors raise UserError before Ray is touched, unless `wait_for_model`: then the app is up (and
-    returned) while /healthz still answers 503 with the reason, and serves once the model appears."""
+    cluster. Model errors raise UserError before Ray is touched, unless `wait_for_model`: then the app is deployed
+    and returned while it is still DEPLOYING (its replicas wait for the model, see GeneratorServer), and serves
+    once the model appears."""
     import ray
 
     args = model if isinstance(model, ServeArgs) else ServeArgs(model=str(model), **options)
@@ -289,11 +272,13 @@ def start_serving(model: ServeArgs | str | Path, *, host: str = "127.0.0.1", por
     started_ray = not ray.is_initialized()
     ensure_ray(address, ingress=ingress)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(bind(args, model_dir), name=name, route_prefix=route_prefix)
+    serve.run_many([serve.RunTarget(bind(args, model_dir), name=name, route_prefix=route_prefix)],
+                   wait_for_applications_running=not wait_for_model)
     url = http_url() + route_prefix.rstrip("/")
-    from gan_ray.serve.client import wait_ready
+    if not wait_for_model:
+        from gan_ray.serve.client import wait_ready
 
-    wait_ready(url, timeout_s=wait_s, ready=(200, 503) if wait_for_model else (200,))
+        wait_ready(url, timeout_s=wait_s)
     _state.update(name=name, started_ray=_state.get("started_ray", False) or started_ray)
     return url
 

@@ -110,6 +110,8 @@ def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callb
     from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
 
+    from gan_ray.train.refusals import StopOnUserError
+
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.gpus_per_worker:
         resources["GPU"] = cfg.gpus_per_worker
@@ -125,7 +127,7 @@ def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callb
             storage_path=str(Path(cfg.storage).expanduser().resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep, **score),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), StopOnUserError()],  # a worker's UserError ends the run at once
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -171,11 +173,11 @@ def fit(cfg: TrainConfig, *, address: str | None = None, quality: bool = True, p
 
 
 def worker_user_error(exc: BaseException) -> UserError | None:
-    """The bad input a worker refused (e.g. bf16 on a GPU without it), from Train's failure; None if there is none.
+    """The bad input a worker refused (e.g. bf16 on a GPU without it, a node's old GPU driver), from Train's failure;
+    None if there is none.
 
     Only the workers can check what depends on their device or their copy of the data; the driver then reports
     it as one line (exit 2) instead of Train's traceback."""
-    for error in (getattr(exc, "worker_failures", None) or {}).values():
-        if isinstance(error, UserError):
-            return UserError(str(error))
-    return None
+    from gan_ray.train.refusals import user_error_of
+
+    return user_error_of(exc)

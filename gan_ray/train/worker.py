@@ -26,6 +26,7 @@ from gan_ray.core.images import grid_png, write_atomic
 from gan_ray.core.models import ModelSpec
 from gan_ray.core.run_dir import METRICS_FILE, truncate_metrics
 from gan_ray.core.step import GANState, build_state, eval_mode, latent_for_seed, spec_for
+from gan_ray.train.gpu_check import check_gpu_worker
 
 # Hooks run on rank 0 at checkpoint (and --eval-every) epochs: (cfg, state, epoch, device) -> extra metrics, merged
 # into that epoch's report. The driver passes them in the loop config (gan_ray.eval.hook.QualityHook adds fd and
@@ -178,6 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     _quiet_worker_logs()
     cfg = TrainConfig.from_mapping(config["train"])
+    if cfg.gpus_per_worker:
+        check_gpu_worker()  # before any CUDA call: a node whose driver cannot run this torch is one line, at once
     hooks: list[EpochHook] = config.get("hooks", [])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
