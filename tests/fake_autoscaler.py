@@ -78,6 +78,10 @@ class FakeAutoscalingCluster:
         return env
 
     def up(self, timeout_s: float = 180) -> None:
+        # Token authentication needs a token (~/.ray/auth_token, created if missing, as cluster/local.sh does):
+        # on a fresh machine nothing has made one unless an earlier test happened to start Ray.
+        subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, check=True, timeout=60,
+                       env=self.env())
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         config = Path(self.temp_dir) / "autoscaling.json"
         config.write_text(json.dumps(self.config))
