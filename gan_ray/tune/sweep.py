@@ -166,6 +166,7 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
     from ray import tune
 
     ensure_ray(address)
+    pin_train_coordinator()
     concurrency = plan_concurrency(settings, wait_s=wait_s)
     fd_hooks(base_cfg)  # the dataset's extractor trained (and cached) once, before any trial starts
     dims = list(space.dims)
@@ -223,6 +224,20 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
             raise UserError(f"no trial of {exp} produced a scored checkpoint; nothing to export")
         result.export_dir = export_best(result, settings, export)
     return result
+
+
+def pin_train_coordinator() -> None:
+    """Create Ray Train's cluster-wide autoscaling coordinator here, on the driver's node (the head), before any
+    trial runs. Train creates it, detached, on the node of the first Train controller that needs it: in a sweep
+    that is a trial's, which may sit on an autoscaled worker node, and a node holding a detached actor never goes
+    idle, so the autoscaler never removes it (seen on Ray's fake-node provider). Ray 2.60's private API; a Ray
+    without it leaves the choice to Train."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+    except ImportError:
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def _trial_dirname(trial) -> str:
