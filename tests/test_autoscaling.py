@@ -4,11 +4,12 @@ autoscaler (v2, as on KubeRay and `ray up`) with its fake-node provider, which a
 The cluster is this module's own (tests/fake_autoscaler.py: its own ports and temp dir, separate from the session's
 `ray_cluster`); every command is a separate `gan-ray ... --address` process, and the module checks at the end
 that no process of the cluster is left. Its shape is the deployed one in miniature: a head with 0 CPUs and one
-worker type (1 CPU) that the autoscaler adds on demand, 0 to 2 nodes, removed after 30 s idle. The tests run in
-order; the training job runs first, so that Ray Train's AutoscalingCoordinator (a detached actor that Train creates
-on the node of the first run's controller) lives on the head: created by a sweep trial's run, it would sit on a
-worker node and keep that node from ever going idle.
-The same wait on Ray's autoscaler v1, on a cluster of its own, is in the e2e tier.
+worker type (1 CPU) that the autoscaler adds on demand, 0 to 2 nodes, removed after 30 s idle.
+
+`make test` checks the refusals and a training job that waits for its nodes; the e2e tier (a fresh cluster of its
+own in that run) a sweep that waits for its nodes and then lets them go (so Ray Train's detached autoscaling
+coordinator, which `gan-ray tune` creates on the head, does not pin a worker node), the timeout, and the same wait
+on Ray's autoscaler v1, on a cluster of its own. One idle wait per tier at most: nodes go after 30 s idle.
 """
 from __future__ import annotations
 
@@ -119,8 +120,11 @@ def test_train_waits_for_the_autoscaler_then_trains(cluster, tmp_path):
           f"command {seconds:.0f} s")
 
 
-def test_tune_waits_for_the_autoscaler_then_sweeps(cluster, tmp_path):
-    """A 2-trial sweep from 0 worker CPUs: both trials at once (the most 2 one-CPU nodes hold), after a wait."""
+@pytest.mark.e2e
+def test_tune_waits_for_the_autoscaler_sweeps_then_lets_the_nodes_go(cluster, tmp_path):
+    """A 2-trial sweep from 0 worker CPUs: both trials at once (the most 2 one-CPU nodes hold), after a wait; then
+    the nodes go idle and are removed (nothing of the sweep, Train's detached coordinator included, stays on
+    them). In a run of the whole file, the training job's nodes must go first."""
     print(f"\nidle nodes gone after {no_worker_nodes(cluster):.0f} s")
     r, seconds = gan_ray(cluster, "tune", "--trials", "2", "--epochs", "1", "--workers-per-trial", "1",
                          "--scheduler", "none", "--dataset", "digits", "--arch", "mlp", "--batch-size", "64",
@@ -131,12 +135,14 @@ def test_tune_waits_for_the_autoscaler_then_sweeps(cluster, tmp_path):
     assert ready, r.stdout[-3000:]
     assert "2 at a time" in r.stdout, r.stdout[-3000:]
     assert (tmp_path / "model" / "model.json").is_file()
-    print(f"tune: scaled up in {ready.group(1)} s, command {seconds:.0f} s")
+    print(f"tune: scaled up in {ready.group(1)} s, command {seconds:.0f} s; the sweep's nodes gone after "
+          f"{no_worker_nodes(cluster, timeout_s=240):.0f} s")
 
 
+@pytest.mark.e2e
 def test_a_cluster_that_does_not_grow_in_time_is_a_one_line_error(cluster, tmp_path):
     """The autoscaler would add the nodes, but not within the time allowed: one line saying what is missing."""
-    print(f"\nidle nodes gone after {no_worker_nodes(cluster):.0f} s")
+    assert cluster.worker_cpus() == 0, "the sweep's nodes are gone (the test before)"
     r, _ = gan_ray(cluster, "train", "--workers", "2", "--cluster-wait-s", "0", *FAST, "--storage", str(tmp_path),
                    "--name", "late")
     one_line(r, "waited 0 s for the autoscaler", "still missing 2 CPU for --workers 2")
