@@ -4,7 +4,6 @@ parser reads what real drivers print, and the refusal runs a real TorchTrainer o
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 

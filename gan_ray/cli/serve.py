@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                             wait_for_model=args.wait_for_model)
         print(f"serving {Path(args.model).resolve()} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
         if args.wait_for_model:
-            print(f"  not ready until a model is there: the app stays DEPLOYING (`serve status`), requests wait, "
+            print("  not ready until a model is there: the app stays DEPLOYING (`serve status`), requests wait, "
                   "and the replica log says why", flush=True)
         print(f"  try: curl -s -X POST {url}/v1/generate -H 'Content-Type: application/json' "
               "-d '{\"n\": 16, \"seed\": 1}' -o grid.png", flush=True)

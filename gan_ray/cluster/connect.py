@@ -23,6 +23,7 @@ from gan_ray.cluster.ingress import apply_to_local_cluster, haproxy_side_ports_s
 from gan_ray.core.errors import UserError, one_line
 
 SETUP_HOOK = "gan_ray.cluster.connect.local_worker_setup"  # runs in every worker process of a local cluster
+PIN_HOOK = "gan_ray.cluster.connect.pin_cluster_address"  # ... and of this driver's job on a joined cluster
 # Ray Train's preemption watcher (an actor per run polling the nodes' drain state) has nothing to watch on a local
 # cluster, whose nodes no cloud reclaims; and creating it logs an error line (core_worker.cc: "constructor arguments
 # in the object store and max_restarts > 0") on the console of every healthy run. Joined clusters keep it.
@@ -31,15 +32,30 @@ LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _local: dict[str, Any] = {}  # the local cluster this process started: its session directory and our pid
 
 
-def local_worker_setup() -> None:
-    """Worker setup hook of local clusters (before any task or actor code runs in the process): HAProxy's side
-    ports on localhost (`gan_ray.cluster.ingress`), and RAY_ADDRESS pinned to this cluster: Ray's own actors (Train's
-    placement-group cleaner, say) look a cluster up by themselves, and on a machine running more than one local
-    cluster that lookup fails ("Found multiple active Ray instances"), ending their threads."""
+def pin_cluster_address() -> None:
+    """Worker setup hook (before any task or actor code runs in the process): RAY_ADDRESS pinned to this worker's
+    own cluster. Ray's own actors (Train's placement-group cleaner, say) look a cluster up by themselves, and on a
+    machine running more than one Ray cluster that lookup fails ("Found multiple active Ray instances"), ending
+    their threads: the cleaner's, and with it the removal of a dead run's placement group."""
     import ray
 
-    haproxy_side_ports_setup()
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def local_worker_setup() -> None:
+    """Worker setup hook of local clusters: HAProxy's side ports on localhost (`gan_ray.cluster.ingress`), and the
+    cluster's address pinned (`pin_cluster_address`)."""
+    haproxy_side_ports_setup()
+    pin_cluster_address()
+
+
+def job_setup_hook() -> dict[str, str]:
+    """The runtime_env that pins the address in this driver's workers on a joined cluster; none when the job that
+    runs this driver (a Ray Job's entrypoint) brings a setup hook of its own (Ray refuses two)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "")
+    return {} if "worker_process_setup_hook" in job else {"worker_process_setup_hook": PIN_HOOK}
 
 
 def init_local(ingress: str | None = None, **kwargs: Any) -> None:
@@ -70,7 +86,7 @@ def ensure_ray(address: str | None, ingress: str | None = None) -> None:
     previous = signal.getsignal(signal.SIGTERM)
     try:
         if address:  # quiet: Ray's "Connecting to existing Ray cluster" lines would break one-line errors
-            ray.init(address=address, configure_logging=True, logging_level="ERROR")
+            ray.init(address=address, runtime_env=job_setup_hook(), configure_logging=True, logging_level="ERROR")
         else:
             # A local cluster is ours: keep its start-up quiet (its token-auth notice included) so the console
             # shows the run's progress and errors, each on one line.
