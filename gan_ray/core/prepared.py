@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from gan_ray.core.config import BUILTIN_DATASETS
 from gan_ray.core.errors import UserError, one_line

@@ -37,8 +37,9 @@ def train_dataset(cfg: TrainConfig):
 
     manifest = read_manifest(cfg.dataset)
     ctx = ray.data.DataContext.get_current()
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines (plans, timings) and notices
     ctx.enable_progress_bars = False  # the run prints one line per epoch; Ray Data's bars would interleave
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx.print_on_execution_start = False  # nor a plan per epoch from the split coordinator
     return ray.data.read_parquet(manifest.files("train"), columns=["image", "label"], partitioning=None,
                                  shuffle=FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True))
 

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from gan_ray.core import prepared as fmt
 from gan_ray.core.config import BUILTIN_DATASETS, DEFAULT_DATA_DIR
-from gan_ray.core.data import GRAYSCALE_MODES, HELDOUT_FRACTION, IMAGE_SUFFIXES, SPLIT_SEED, folder_files
 from gan_ray.core.errors import UserError, one_line
 from gan_ray.core.settings import Settings
 
@@ -36,7 +35,7 @@ FOLDER_IMAGE_SIZE = 64  # a folder's images are resized to this unless --image-s
 class PrepareSettings(Settings):
     """`gan-ray prepare SRC --out DEST`: field names are the flags."""
 
-    out: str = Field("", description="where the prepared dataset goes: a path, a shared mount or an object-store "
+    out: str = Field(description="where the prepared dataset goes: a path, a shared mount or an object-store "
                                      "URI (s3://bucket/x, gs://bucket/x); credentials from the environment's "
                                      "usual chain, never from flags (required, no default)")
     image_size: Optional[int] = Field(None, ge=1, description="side the images are resized to (default: a "
@@ -50,11 +49,6 @@ class PrepareSettings(Settings):
     workers: Optional[int] = Field(None, ge=1, description="Ray tasks decoding at once (default: as many as the "
                                                            "cluster has CPUs)")
 
-    @model_validator(mode="after")
-    def _check(self) -> "PrepareSettings":
-        if not self.out:
-            raise ValueError("--out is required: where the prepared dataset goes")
-        return self
 
 
 # -------------------------------------------------------------------------------------------------- sources
@@ -76,6 +70,8 @@ class Source:
 
 
 def channels_of(mode: str) -> int:
+    from gan_ray.core.data import GRAYSCALE_MODES
+
     return 1 if mode in GRAYSCALE_MODES or mode in ("LA", "I", "F") else 3
 
 
@@ -89,6 +85,8 @@ def read_source(src: str, settings: PrepareSettings) -> Source:
 def _split_order(n: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) indices in write order: the fixed split of gan_ray.core.data (same seed, same
     fraction, the same images held out as `folder:`), each in its permutation's order."""
+    from gan_ray.core.data import HELDOUT_FRACTION, SPLIT_SEED
+
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
     n_held = int(round(n * HELDOUT_FRACTION))
     return perm[n_held:], perm[:n_held]
@@ -96,6 +94,8 @@ def _split_order(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _folder(root: Path, settings: PrepareSettings) -> Source:
     from PIL import Image
+
+    from gan_ray.core.data import IMAGE_SUFFIXES, folder_files
 
     if not root.is_dir():
         raise UserError(f"prepare: {root}: no such directory (SRC is an image folder or one of "
@@ -141,7 +141,7 @@ def _folder(root: Path, settings: PrepareSettings) -> Source:
 def _builtin(name: str, settings: PrepareSettings) -> Source:
     import torch
 
-    from gan_ray.core.data import load_dataset
+    from gan_ray.core.data import SPLIT_SEED, load_dataset
 
     splits = {}
     h = hashlib.sha256(json.dumps(["builtin", name, settings.image_size, settings.channels]).encode())
@@ -343,10 +343,11 @@ def _run(source: Source, settings: PrepareSettings, address: str | None, log) ->
     import ray.data
 
     from gan_ray.cluster.connect import ensure_ray
+    from gan_ray.core.data import HELDOUT_FRACTION, SPLIT_SEED
 
     ensure_ray(address)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines (plans, timings) and notices
     ray.data.DataContext.get_current().enable_progress_bars = False  # one line per shard instead
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines: execution plans, timings
     plan = shard_plan(source, settings.shard_mb)
     arrays = None
     if source.kind == "builtin":
