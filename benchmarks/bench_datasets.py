@@ -182,6 +182,8 @@ def part_prepare(args, work: Path) -> list[dict]:
     from gan_ray.train.prepare import PrepareSettings, prepare
 
     src = png_folder(work / "pngs", args.pngs)
+    warm = png_folder(work / "pngs-warmup", 64)  # Ray's worker processes started and imports done: not timed
+    prepare(str(warm), PrepareSettings(out=str(work / "prepared-warmup"), workers=2), log=lambda m: None)
     out = []
     for workers in (1, 2):
         r = prepare(str(src), PrepareSettings(out=str(work / f"prepared-w{workers}"), workers=workers),

@@ -94,6 +94,8 @@ def test_a_training_config_adopts_the_prepared_image_size_or_refuses_a_mismatch(
         resolve_dataset(TrainConfig(dataset=str(tmp_path / "ds"), image_size=28))
     with pytest.raises(UserError, match="--data-mode stream reads a prepared dataset"):
         TrainConfig(dataset="mnist", data_mode="stream")
+    with pytest.raises(UserError, match="a run directory lives on a file system"):
+        TrainConfig(storage="s3://bucket/runs")
     with pytest.raises(UserError, match="unknown --dataset 'imagenet'"):
         TrainConfig(dataset="imagenet")
 

@@ -154,6 +154,9 @@ class TrainConfig(Settings):
                              "them off: R1 is on by default, --r1-gamma 0)")
         if self.aux_weight and not self.conditional:
             raise ValueError("--aux-weight trains a class head on D: it needs --conditional")
+        if "://" in self.storage:
+            raise ValueError(f"--storage {self.storage}: a run directory lives on a file system (a shared mount on "
+                             "a cluster), not in object storage; datasets may (docs/deploy.md)")
         if self.data_mode == "stream" and (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("folder:")):
             raise ValueError(f"--data-mode stream reads a prepared dataset's shards; prepare {self.dataset} once "
                              "with `gan-ray prepare` and train with --dataset set to its path or URI")
