@@ -208,9 +208,7 @@ def main() -> None:
     args = p.parse_args()
     parts = args.parts.split(",")
 
-    import ray
-
-    from gan_ray.cluster.connect import init_local
+    from gan_ray.cluster.connect import init_local, shutdown
 
     init_local(num_cpus=3, configure_logging=True, logging_level="WARNING")  # 2 workers + 1 for Ray Data's reads
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-datasets-"))
@@ -223,7 +221,7 @@ def main() -> None:
         if "memory" in parts:
             results["memory"] = part_memory(args, work)
     finally:
-        ray.shutdown()
+        shutdown()  # Ray, and every process of the cluster started here
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
