@@ -69,9 +69,16 @@ def test_shards_round_trip_images_labels_and_a_content_hash(tmp_path):
     assert ds.shape == (1, 8, 8) and ds.num_classes == 2 and len(ds) == 40 and ds.images.dtype == torch.uint8
 
 
-def test_the_held_out_split_and_the_extractor_read_a_bounded_sample(tmp_path):
+def test_the_held_out_split_and_the_extractor_read_a_bounded_sample(tmp_path, monkeypatch):
     m = write_prepared(tmp_path / "ds", n_train=40, n_held=30, shape=(3, 64, 64), per_shard=8)
     assert len(load_dataset(str(tmp_path / "ds"), "heldout")) == 30  # small: all of it
+    monkeypatch.setattr(fmt, "HELDOUT_SAMPLE_MAX", 12)
+    monkeypatch.setattr(fmt, "TRAIN_SAMPLE_MAX", 20)
+    held = load_dataset(str(tmp_path / "ds"), "heldout")  # the evaluation's reference: a prefix, across shards
+    assert len(held) == 12 and np.array_equal(held.images.numpy(), fmt.read_split(m, "heldout")[0][:12])
+    assert len(load_dataset(str(tmp_path / "ds"), "train", sample=True)) == 20  # the feature extractor's
+    assert len(load_dataset(str(tmp_path / "ds"), "train")) == 40  # training in memory mode: all of it
+    monkeypatch.undo()
     # a large set: the held-out sample stays bounded (by count, and by bytes for big images)
     m.count = {"train": 2_000_000, "heldout": 300_000}
     assert fmt.sample_size(m, "heldout") == fmt.HELDOUT_SAMPLE_MAX
