@@ -14,6 +14,7 @@ from gan_ray.cli import build_parser
 from gan_ray.core.config import TrainConfig
 from gan_ray.serve.schema import ServeArgs
 from gan_ray.tune.space import SweepSettings
+from gan_ray.train.prepare import PrepareSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -27,7 +28,7 @@ def subparser(command: str) -> argparse.ArgumentParser:
 
 def parser_flags(command: str) -> dict[str, object]:
     """Each option of `gan-ray COMMAND` (its first spelling, no --no- twins) -> the default the code applies."""
-    models = {"serve": ServeArgs, "tune": SweepSettings, "train": TrainConfig}
+    models = {"serve": ServeArgs, "tune": SweepSettings, "train": TrainConfig, "prepare": PrepareSettings}
     out = {}
     for action in subparser(command)._actions:
         if not action.option_strings or action.dest == "help":
@@ -73,6 +74,7 @@ def same_default(documented: str, actual: object) -> bool:
     ("train", "docs/training.md", "group", 1),
     ("serve", "docs/serving.md", "flag", 0),
     ("tune", "docs/sweeps.md", "flag", 0),
+    ("prepare", "docs/datasets.md", "flag", 0),
 ])
 def test_flag_table_is_the_parser(command, doc, first_header, column):
     rows = table_rows(ROOT / doc, first_header, column)

@@ -53,6 +53,10 @@ def why_not_here(argv: list[str]) -> str | None:
         return "real MNIST (its path is the user's): recipes' and defaults' early steps run in tests/test_recipes.py"
     if "ray://" in text:
         return "joins a remote cluster"
+    if re.search(r"(s3|gs)://", text):
+        return "object storage: tests/test_stream_e2e.py prepares into and trains from a local S3 server"
+    if re.search(r"--dataset (\.|~|/)", text) or (argv[0] == "prepare" and argv[1].startswith(("~", "/"))):
+        return "a user's prepared dataset or image folder: tests/test_stream.py prepares and streams one"
     return None
 
 
@@ -108,7 +112,7 @@ def localise(argv: list[str], world: dict, out_dir: Path) -> list[str]:
         next(it, None)  # the value was replaced
     if out[0] == "generate" and "--url" not in out:
         out += ["--url", world["url"]]
-    if out[0] in ("train", "tune", "bench", "serve") and "--address" not in out and "--build" not in out:
+    if out[0] in ("train", "tune", "bench", "serve", "prepare") and "--address" not in out and "--build" not in out:
         out += ["--address", world["address"]]  # join the session's cluster (a cluster start saved per command)
     if out[0] == "serve" and "--port" not in out:
         from gan_ray.cluster.processes import free_port

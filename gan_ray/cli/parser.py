@@ -9,14 +9,14 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from gan_ray.cli import bench, demo, evaluate, export, generate, sample, serve, submit, train, tune
+from gan_ray.cli import bench, demo, evaluate, export, generate, prepare, sample, serve, submit, train, tune
 from gan_ray.cluster.connect import ray_connected
 from gan_ray.cluster.connect import shutdown as shutdown_cluster
 from gan_ray.cli.flags import Parser, Stopping, stopped
 from gan_ray.core.errors import UserError, one_line
 
 # In the order `gan-ray --help` lists them.
-COMMANDS = (train, sample, export, evaluate, tune, serve, generate, submit, demo, bench)
+COMMANDS = (train, sample, export, evaluate, tune, serve, generate, submit, demo, bench, prepare)
 
 
 def build_parser() -> Parser:

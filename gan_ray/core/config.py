@@ -39,7 +39,10 @@ def check_dataset_name(name: str) -> str:
         if not name[len("folder:"):]:
             raise UserError("--dataset folder: needs a path, e.g. folder:/data/my-images")
         return name
-    raise UserError(f"unknown --dataset {name!r}; choose digits, mnist, fashion-mnist, cifar10 or folder:PATH")
+    if "/" in name or name.startswith(("~", ".")):  # a prepared dataset's path or URI (gan_ray.core.prepared)
+        return name
+    raise UserError(f"unknown --dataset {name!r}; choose digits, mnist, fashion-mnist, cifar10, folder:PATH or a "
+                    "prepared dataset's path or URI (./prepared/mnist, s3://bucket/mnist)")
 
 
 def graph_mode(value: object) -> str:
@@ -66,9 +69,15 @@ class TrainConfig(Settings):
 
     # data
     dataset: Annotated[str, AfterValidator(check_dataset_name)] = _opt(
-        "digits", "digits | mnist | fashion-mnist | cifar10 | folder:PATH")
+        "digits", "digits | mnist | fashion-mnist | cifar10 | folder:PATH | a prepared dataset's path or URI "
+        "(`gan-ray prepare`: ./prepared/x, s3://bucket/x)")
     data_dir: str = _opt(DEFAULT_DATA_DIR, "where torchvision datasets are downloaded / looked for")
-    image_size: int = _opt(28, "side length images are resized to (folder datasets; 28/32/64 for dcgan)", ge=1)
+    image_size: int = _opt(28, "side length images are resized to (folder datasets; 28/32/64 for dcgan; a "
+                           "prepared dataset's own unless given)", ge=1)
+    data_mode: Literal["auto", "memory", "stream"] = _opt(
+        "auto", "memory: every worker holds the decoded training split (the GPU fast path); stream: Ray Data "
+        "streams a prepared dataset's shards to the workers; auto: memory when it fits comfortably in a worker "
+        "(always, for built-in and folder: datasets)")
     # model
     arch: Arch = _opt("mlp", "generator/discriminator architecture: mlp (LeakyReLU), seed (the article's ReLU "
                       "MLPs, exactly) or dcgan")
@@ -145,6 +154,12 @@ class TrainConfig(Settings):
                              "them off: R1 is on by default, --r1-gamma 0)")
         if self.aux_weight and not self.conditional:
             raise ValueError("--aux-weight trains a class head on D: it needs --conditional")
+        if "://" in self.storage:
+            raise ValueError(f"--storage {self.storage}: a run directory lives on a file system (a shared mount on "
+                             "a cluster), not in object storage; datasets may (docs/deploy.md)")
+        if self.data_mode == "stream" and (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("folder:")):
+            raise ValueError(f"--data-mode stream reads a prepared dataset's shards; prepare {self.dataset} once "
+                             "with `gan-ray prepare` and train with --dataset set to its path or URI")
         if (self.g_width or self.d_width) and self.arch != "dcgan":
             raise ValueError(f"--g-width and --d-width set a dcgan's channels; --arch {self.arch} has fixed sizes")
         return self

@@ -1,7 +1,8 @@
 """Datasets as in-memory tensors, plus the per-rank, per-epoch shard order.
 
-Every supported dataset fits in memory (MNIST is 47 MB as uint8), so a dataset is just an image tensor and a label
-tensor. Batches are gathered by index: no DataLoader, no worker processes, and the same code serves CPU and a
+In memory mode a dataset is just an image tensor and a label tensor (MNIST is 47 MB as uint8); datasets too large
+for that are prepared once (`gan-ray prepare`, gan_ray.core.prepared) and streamed by Ray Data
+(gan_ray.train.ingest). Batches are gathered by index: no DataLoader, no worker processes, and the same code serves CPU and a
 GPU-resident copy. Images are kept as uint8 where the source is 8-bit and turned into float [0, 1] per batch.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gan_ray.core import prepared
 from gan_ray.core.config import BUILTIN_DATASETS, DEFAULT_DATA_DIR, TrainConfig, check_dataset_name
 from gan_ray.core.errors import UserError
 
@@ -68,11 +70,16 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def load_dataset(name: str, split: str = "train", *, data_dir: str = DEFAULT_DATA_DIR,
-                 image_size: int = 28) -> ImageDataset:
-    """Load a dataset split: `train` for training, `heldout` for evaluation only (never trained on)."""
+                 image_size: int = 28, sample: bool = False) -> ImageDataset:
+    """Load a dataset split: `train` for training, `heldout` for evaluation only (never trained on). A prepared
+    dataset's held-out split, and its training split with `sample`, are bounded uniform samples
+    (gan_ray.core.prepared); every other dataset is loaded whole."""
     check_dataset_name(name)
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be train or heldout, got {split!r}")
+    if prepared.is_prepared(name):
+        manifest, images, labels = prepared.load_split(name, split, sample=sample)
+        return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), manifest.num_classes, name)
     if name == "digits":
         return _digits(split)
     if name.startswith("folder:"):
@@ -211,6 +218,10 @@ def describe_dataset(cfg: TrainConfig) -> tuple[tuple[int, int, int], int]:
     if cfg.dataset in KNOWN_SHAPES:
         shape, k = KNOWN_SHAPES[cfg.dataset]
         n_train = KNOWN_TRAIN_IMAGES.get(cfg.dataset) or train_count(DIGITS_IMAGES)
+    elif prepared.is_prepared(cfg.dataset):
+        manifest = prepared.read_manifest(cfg.dataset)
+        prepared.check_image_size(manifest, cfg.image_size, given=True)
+        shape, k, n_train = manifest.shape, manifest.num_classes, manifest.count["train"]
     else:
         files, k = folder_files(Path(cfg.dataset[len("folder:"):]).expanduser())
         if not files:
@@ -223,6 +234,16 @@ def describe_dataset(cfg: TrainConfig) -> tuple[tuple[int, int, int], int]:
         raise UserError(f"--arch dcgan supports 28, 32 or 64 pixel images, got {shape[1]} (set --image-size)")
     check_batch_fits(n_train, cfg.workers, cfg.batch_size)
     return shape, k
+
+
+def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
+    """The config a run trains with: a prepared dataset's image size adopted unless --image-size was given (then
+    it must match). Other datasets: the config as it is."""
+    if not prepared.is_prepared(cfg.dataset):
+        return cfg
+    manifest = prepared.read_manifest(cfg.dataset)
+    side = prepared.check_image_size(manifest, cfg.image_size, given="image_size" in cfg.model_fields_set)
+    return cfg if side == cfg.image_size else cfg.replace(image_size=side)
 
 
 def check_batch_fits(n_train: int, workers: int, batch_size: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -43,18 +43,25 @@ def run_epoch(state: GANState, data: ImageDataset, *, epoch: int, rank: int, wor
               seed: int, step_fn: StepFn = train_step) -> EpochResult:
     """Train over this rank's shard of one epoch. `data` may live on CPU or on the training device (then no host
     copy happens per step: batches are gathered on the device)."""
-    device = next(state.D.parameters()).device
     order = shard_order(len(data), epoch=epoch, rank=rank, world_size=world_size, seed=seed, device=data.images.device)
     n_steps = len(order) // batch_size
+    batches = (data.batch(order[i * batch_size:(i + 1) * batch_size]) for i in range(n_steps))
+    return run_batches(state, batches, batch_size=batch_size, step_fn=step_fn)
+
+
+def run_batches(state: GANState, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, batch_size: int,
+                step_fn: StepFn = train_step) -> EpochResult:
+    """Train on every (float images, labels) batch of an epoch: gathered from memory (`run_epoch`) or streamed by
+    Ray Data (gan_ray.train.ingest, which guarantees every rank the same number of batches)."""
+    device = next(state.D.parameters()).device
     sums = torch.zeros(6, device=device)  # loss_d, loss_g, d_real, d_fake, r1, r2
-    g_updates = reg_steps = 0
+    n_steps = g_updates = reg_steps = 0
     t0 = time.perf_counter()
-    for i in range(n_steps):
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        real, labels = data.batch(idx)
+    for real, labels in batches:
         real = real.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if state.spec.conditional else None
         out = step_fn(state, real, labels)
+        n_steps += 1
         sums[0] += out["loss_d"]
         sums[2] += out["d_real"]
         sums[3] += out["d_fake"]

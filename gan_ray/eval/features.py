@@ -391,8 +391,9 @@ def extractor_for(train: ImageDataset, heldout: ImageDataset, *, cache_dir: str 
 
 def load_extractor(dataset: str, *, data_dir: str = DEFAULT_DATA_DIR, image_size: int = 28,
                    cache_dir: str | Path | None = None, log=lambda msg: None) -> Extractor:
-    """The extractor for a dataset by name (digits, mnist, ..., folder:PATH)."""
-    train = load_dataset(dataset, "train", data_dir=data_dir, image_size=image_size)
+    """The extractor for a dataset by name (digits, mnist, ..., folder:PATH, a prepared dataset: trained on a
+    bounded sample of its training split)."""
+    train = load_dataset(dataset, "train", data_dir=data_dir, image_size=image_size, sample=True)
     heldout = load_dataset(dataset, "heldout", data_dir=data_dir, image_size=image_size)
     return extractor_for(train, heldout, cache_dir=cache_dir, log=log)
 

@@ -16,26 +16,31 @@ from gan_ray.cluster.connect import ensure_ray
 from gan_ray.cluster.autoscaler import wait_for_resources, wait_seconds
 from gan_ray.cluster.resources import Bundle
 from gan_ray.core.config import TrainConfig
-from gan_ray.core.data import describe_dataset
+from gan_ray.core.data import describe_dataset, resolve_dataset
 from gan_ray.core.errors import UserError
 from gan_ray.core.run_dir import (METRICS_FILE, check_compatible, finished_epochs, format_progress,
                                   prepare_run_dir)
+from gan_ray.train.ingest import DATA_CPUS, resolve_data_mode, stream_info, train_dataset
 from gan_ray.train.worker import EpochHook, train_loop_per_worker
 
 
 def worker_bundles(cfg: TrainConfig) -> list[Bundle]:
-    """The run's placement group: one bundle per worker."""
+    """The run's placement group: one bundle per worker; streaming, a CPU for Ray Data's read tasks as well (not
+    reserved: Ray Data schedules its tasks on what Train leaves free)."""
     bundle = {"CPU": float(cfg.cpus_per_worker)}
     if cfg.gpus_per_worker:
         bundle["GPU"] = float(cfg.gpus_per_worker)
-    return [bundle] * cfg.workers
+    data = [{"CPU": DATA_CPUS}] if cfg.data_mode == "stream" else []
+    return [bundle] * cfg.workers + data
 
 
 def check_resources(cfg: TrainConfig, *, wait_s: float | None = None) -> None:
     """Start only what can run: on a fixed cluster, refuse at once (instead of hanging on a placement group) what
     its nodes cannot hold; on an autoscaling one, refuse what it can never hold and wait (`wait_s`, default
     $GAN_RAY_CLUSTER_WAIT_S or 600 s) for the nodes the autoscaler adds for the rest."""
-    wait_for_resources(worker_bundles(cfg), f"--workers {cfg.workers}", timeout_s=wait_seconds(wait_s))
+    what = f"--workers {cfg.workers}" + (" and Ray Data's reads (--data-mode stream)" if cfg.data_mode == "stream"
+                                         else "")
+    wait_for_resources(worker_bundles(cfg), what, timeout_s=wait_seconds(wait_s))
 
 
 class ProgressPrinter(threading.Thread):
@@ -117,9 +122,17 @@ def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callb
         resources["GPU"] = cfg.gpus_per_worker
     score = {"checkpoint_score_attribute": "fd", "checkpoint_score_order": "min"} if hooks else {}
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)  # a user's own value wins
+    if cfg.data_mode == "auto":
+        cfg, _ = resolve_data_mode(cfg)
+    loop_config = {"train": cfg.to_dict(), "hooks": hooks or []}
+    datasets = None
+    if cfg.data_mode == "stream":
+        loop_config["stream"] = stream_info(cfg)
+        datasets = {"train": train_dataset(cfg)}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "hooks": hooks or []},
+        train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -140,6 +153,7 @@ def fit(cfg: TrainConfig, *, address: str | None = None, quality: bool = True, p
     `quality`: score the EMA generator at every checkpoint (fd and the rest, `gan_ray.eval.hook`), which also lets
     Train keep the best checkpoints by fd; off, checkpoints are kept by recency. `cluster_wait_s`: how long an
     autoscaling cluster may take to add the workers' nodes (`check_resources`)."""
+    cfg = resolve_dataset(cfg)  # a prepared dataset's image size, its manifest read (or one line why not)
     describe_dataset(cfg)  # bad dataset / --conditional on unlabelled data: fail before anything else
     wait_s = wait_seconds(cluster_wait_s)  # a bad $GAN_RAY_CLUSTER_WAIT_S too
     check_compatible(cfg)  # also when there is nothing left to train: a mismatch is still the user's mistake
@@ -148,6 +162,9 @@ def fit(cfg: TrainConfig, *, address: str | None = None, quality: bool = True, p
         print(f"run {cfg.run_dir} already has {done} of {cfg.epochs} epochs; nothing to do")
         return None
     ensure_ray(address)
+    cfg, picked = resolve_data_mode(cfg)
+    if picked and progress:
+        print(picked, flush=True)
     check_resources(cfg, wait_s=wait_s)  # before the hooks: a run that cannot start should not first train an extractor
     hooks: list[EpochHook] = []
     if quality:

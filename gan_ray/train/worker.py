@@ -18,7 +18,7 @@ import torch
 from gan_ray.core import checkpoint as ckpt_io
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import check_batch_fits, load_dataset
-from gan_ray.core.epoch import run_epoch
+from gan_ray.core.epoch import run_batches, run_epoch
 from gan_ray.core.fast_step import make_step_fn
 from gan_ray.core.health import CollapseWatch
 from gan_ray.core.fast_step import resolve_for as resolve_fast_path
@@ -118,13 +118,14 @@ def weights_digest(state: GANState, part: str = "parameters") -> str:
     return h.hexdigest()[:16]
 
 
-def _gather_digests(digest: str, world_size: int) -> list[str]:
+def _gather(value: Any, world_size: int) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
     import torch.distributed as dist
 
     if world_size == 1 or not dist.is_initialized():
-        return [digest]
+        return [value]
     out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, digest)
+    dist.all_gather_object(out, value)
     return out
 
 
@@ -187,11 +188,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    data = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, image_size=cfg.image_size)
-    check_batch_fits(len(data), world, cfg.batch_size)  # the driver checked the count it expects; this is the real one
-    if device.type == "cuda":
-        data = data.to(device)  # GPU-resident: batches are gathered on the device, no host copies per step
-    spec = spec_for(cfg, data.shape, data.num_classes)
+    stream = None
+    if cfg.data_mode == "stream":  # Ray Data feeds this rank its share of a prepared dataset (gan_ray.train.ingest)
+        from gan_ray.train.ingest import StreamedShard
+
+        info = config["stream"]
+        stream = StreamedShard(ray.train.get_dataset_shard("train"), tuple(info["shape"]), info["image_bytes"],
+                               cfg.batch_size, cfg.seed)
+        spec = spec_for(cfg, tuple(info["shape"]), info["num_classes"])
+    else:
+        data = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, image_size=cfg.image_size)
+        check_batch_fits(len(data), world, cfg.batch_size)  # the driver checked the count it expects; this is real
+        if device.type == "cuda":
+            data = data.to(device)  # GPU-resident: batches are gathered on the device, no host copies per step
+        spec = spec_for(cfg, data.shape, data.num_classes)
     ddp_kwargs = ddp_buffer_kwargs()
     fast = resolve_fast_path(cfg, device, world)  # `auto` -> the fastest correct path on this device
     state = build_state(cfg, spec, device, world,
@@ -225,17 +235,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.time()
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
-        res = run_epoch(state, data, epoch=epoch, rank=rank, world_size=world, batch_size=cfg.batch_size,
-                        seed=cfg.seed, step_fn=step_fn)
+        if stream is not None:
+            res = run_batches(state, stream.epoch(epoch, rank), batch_size=cfg.batch_size, step_fn=step_fn)
+        else:
+            res = run_epoch(state, data, epoch=epoch, rank=rank, world_size=world, batch_size=cfg.batch_size,
+                            seed=cfg.seed, step_fn=step_fn)
         metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "images_seen": state.images_seen,
                                    **_all_reduce_epoch(res, world, device)}
+        if stream is not None:  # each rank's steps: equal by construction (streaming_split(equal=True), full batches)
+            metrics["rank_steps"] = [int(s) for s in _gather(res.steps, world)]
         if restored_from is not None and epoch == start_epoch:
             metrics["restored_from"] = restored_from
         sync_buffers(state, world)  # before anything reads the running statistics (grids, hooks, checkpoints)
         is_ckpt = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
         if is_ckpt:  # each rank's state, bit for bit: equal on every rank (tests check this is so)
-            metrics["weights_digest"] = _gather_digests(weights_digest(state, "parameters"), world)
-            metrics["buffers_digest"] = _gather_digests(weights_digest(state, "buffers"), world)
+            metrics["weights_digest"] = _gather(weights_digest(state, "parameters"), world)
+            metrics["buffers_digest"] = _gather(weights_digest(state, "buffers"), world)
         grid = None
         if rank == 0:
             for hook in hooks:

@@ -20,7 +20,7 @@ from gan_ray.cluster.autoscaler import Autoscaler, never_fits, wait_for_resource
 from gan_ray.cluster.connect import ensure_ray
 from gan_ray.cluster.resources import Bundle, cannot_hold, describe, fits_now, how_many, node_resources
 from gan_ray.core.config import TrainConfig
-from gan_ray.core.data import describe_dataset
+from gan_ray.core.data import describe_dataset, resolve_dataset
 from gan_ray.core.env import scoped_env
 from gan_ray.core.errors import UserError
 from gan_ray.core.images import write_atomic
@@ -138,7 +138,8 @@ def prepare(space: SearchSpace, settings: SweepSettings) -> tuple[dict[str, Any]
     Returns the fixed values of every trial and the config they make with the space's first values."""
     base = base_train_values(space, settings)
     check_values(SearchSpace({**space.fixed, **{k: v for k, v in base.items()}}, space.dims))
-    base_cfg = TrainConfig.from_mapping(base)
+    base_cfg = resolve_dataset(TrainConfig.from_mapping(base))
+    base["image_size"] = base_cfg.image_size  # a prepared dataset's own
     describe_dataset(base_cfg)
     if settings.path.exists() and not settings.path.is_dir():
         raise UserError(f"{settings.path} exists and is not a directory")

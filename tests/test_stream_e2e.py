@@ -1,0 +1,155 @@
+"""The rest of the streaming matrix (`make test-e2e`): object storage for real (a moto S3 server on 127.0.0.1,
+started here), a streamed run resumed, a streamed run that loses a worker to SIGKILL, and a Tune trial on a
+streamed dataset. tests/test_stream.py checks the plain case in `make test`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from gan_ray.cluster.processes import free_port
+from gan_ray.core.config import TrainConfig
+from gan_ray.core.run_dir import finished_epochs, read_metrics
+from gan_ray.train.driver import fit
+from gan_ray.train.prepare import PrepareSettings, prepare
+from tests.conftest import run_cli, wait_for
+from tests.test_train_ray import _train_worker_pids
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def digits_prepared(ray_cluster, tmp_path_factory):
+    dest = str(tmp_path_factory.mktemp("prepared") / "digits")
+    prepare("digits", PrepareSettings(out=dest, shard_mb=0.25))
+    return dest
+
+
+def stream_config(dataset: str, storage, name: str, **over) -> TrainConfig:
+    base = dict(dataset=dataset, data_mode="stream", workers=2, batch_size=32, epochs=2, checkpoint_every=1, keep=2,
+                storage=str(storage), name=name, sample_every=0)
+    return TrainConfig(**{**base, **over})
+
+
+# ------------------------------------------------------------------------------------------- object storage
+def bucket_admin(url: str):
+    """The test's own client of the server (explicit settings: it creates the bucket the product then finds)."""
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
+                             endpoint_override=url.removeprefix("http://"), allow_bucket_creation=True)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 API (moto's server) on a free 127.0.0.1 port, and the environment that points AWS clients at
+    it: pyarrow (prepare, Ray Data, Train's storage) reads AWS_ENDPOINT_URL and the key pair from there."""
+    pytest.importorskip("moto")
+    import requests
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(url, timeout=1).status_code < 500
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(up, 60, "the moto S3 server")
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        bucket_admin(url).create_dir("gan-data")
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_prepare_into_and_train_from_s3(s3_server, tmp_path):
+    """Each command a fresh process with its own local Ray (its workers inherit the environment), as a user runs
+    them; no flag names the endpoint or the keys."""
+    r = run_cli("prepare", "digits", "--out", "s3://gan-data/digits", "--shard-mb", "0.25", env=s3_server)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1,527 train + 270 held out" in r.stdout
+    import pyarrow.fs as pafs
+
+    keys = sorted(i.path for i in bucket_admin(s3_server["AWS_ENDPOINT_URL"]).get_file_info(
+        pafs.FileSelector("gan-data/digits", recursive=True)) if i.type == pafs.FileType.File)
+    assert "gan-data/digits/manifest.json" in keys and sum("/train/part-" in k for k in keys) == 5
+    assert not any(".gan-ray-prepare" in k for k in keys)
+
+    storage = tmp_path / "runs"
+    r = run_cli("train", "--dataset", "s3://gan-data/digits", "--data-mode", "stream", "--workers", "1",
+                "--epochs", "1", "--batch-size", "64", "--eval-samples", "300", "--storage", str(storage),
+                "--name", "from-s3", env=s3_server)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(storage / "from-s3" / "metrics.jsonl")
+    assert rows[0]["rank_steps"] == [1527 // 64] and "fd" in rows[0]
+
+    # bad object-store input: one line, exit 2, before any Ray work
+    r = run_cli("prepare", "digits", "--out", "s3://no-such-bucket/digits", env=s3_server)
+    assert r.returncode == 2 and "no such bucket" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("train", "--dataset", "s3://gan-data/nothing-here", env=s3_server)
+    assert r.returncode == 2 and "no manifest.json there" in r.stderr, r.stderr
+    closed = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    r = run_cli("train", "--dataset", "s3://gan-data/digits", env=closed, timeout=300)
+    assert r.returncode == 2 and "cannot read the prepared dataset at s3://gan-data/digits" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------ resume, a lost worker
+def test_a_streamed_run_resumes(ray_cluster, digits_prepared, tmp_path):
+    cfg = stream_config(digits_prepared, tmp_path, "resume", epochs=2)
+    assert fit(cfg, quality=False, progress=False).error is None
+    fit(stream_config(digits_prepared, tmp_path, "resume", epochs=3), quality=False, progress=False)
+    rows = read_metrics(cfg.run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["restored_from"] == 2
+    assert all(r["rank_steps"] == [23, 23] for r in rows) and rows[2]["step"] == 3 * 23
+
+
+def test_a_streamed_run_survives_a_killed_worker(ray_cluster, digits_prepared, tmp_path):
+    cfg = stream_config(digits_prepared, tmp_path, "recover", epochs=8, batch_size=16, checkpoint_every=2,
+                        max_failures=2)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg, quality=False, progress=False)))
+    thread.start()
+    metrics = cfg.run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["epoch"] >= 3 for r in read_metrics(metrics)):
+        time.sleep(0.5)
+    pids = _train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[1], signal.SIGKILL)  # a real worker process dies mid-stream
+    thread.join(timeout=600)
+    assert not thread.is_alive() and outcome["result"].error is None
+    rows = read_metrics(metrics)
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
+    assert any("restored_from" in r for r in rows), "the run was restored from a checkpoint"
+    assert all(r["rank_steps"] == [47, 47] for r in rows)  # the new worker group streams equal shares too
+    assert finished_epochs(cfg.run_dir) == 8
+
+
+# ------------------------------------------------------------------------------------------------- Tune
+def test_a_tune_trial_streams_a_prepared_dataset(ray_cluster, digits_prepared, tmp_path):
+    from gan_ray.tune.space import SweepSettings, build_space
+    from gan_ray.tune.sweep import run_sweep
+
+    space = build_space({"dataset": digits_prepared, "data_mode": "stream", "lr_g": "1e-4,2e-4",
+                         "batch_size": "32", "eval_samples": "256", "sample_every": "0"})
+    settings = SweepSettings(trials=1, epochs=1, scheduler="none", workers_per_trial=1, storage=str(tmp_path),
+                             name="stream-sweep", seed=0)
+    result = run_sweep(space, settings)
+    assert len(result.rows) == 1 and result.best is not None and result.best.best_fd is not None
+    trial = next(result.path.glob("trial_*"))
+    rows = read_metrics(trial / "train" / "metrics.jsonl")
+    assert rows[0]["rank_steps"] == [1527 // 32]
+    assert json.loads((trial / "train" / "config.json").read_text())["data_mode"] == "stream"
