@@ -8,8 +8,6 @@ with R1 off, which this file checks too, so the bars below are known to catch wh
 """
 from __future__ import annotations
 
-import gzip
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +21,6 @@ from gan_ray.core.step import build_state, eval_mode, spec_for, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(RECIPES_DIR.glob("*.yaml"))
-MNIST_GZ = ROOT.parent / "shared" / "data" / "mnist"
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def test_every_recipe_is_a_valid_config_headed_by_its_measurements():
@@ -44,18 +40,7 @@ def test_a_recipe_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ real MNIST
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory):
-    if not all((MNIST_GZ / f"{name}.gz").is_file() for name in FILES):
-        pytest.skip(f"real MNIST not found in {MNIST_GZ} (the shared data beside the checkout)")
-    raw = tmp_path_factory.mktemp("mnist") / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in FILES:
-        with gzip.open(MNIST_GZ / f"{name}.gz") as src, open(raw / name, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return raw.parent.parent
-
-
+# `mnist_dir` (tests/conftest.py): real MNIST as a --data-dir, or a skip when ../shared is not beside the checkout.
 @pytest.fixture(scope="module")
 def reader(mnist_dir):
     """3-nearest-neighbour reader on 10,000 real training images, 7x7 average-pooled (about 95% accurate on the
@@ -113,9 +98,9 @@ def _shares(predicted: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mnist_recipe_early_steps_learn_every_class(mnist_dir, reader):
-    """configs/mnist.yaml, 250 steps (about half an epoch on 2 workers): D is not winning, every class is drawn,
+    """Recipe `mnist`, 250 steps (about half an epoch on 2 workers): D is not winning, every class is drawn,
     and images drawn for a label mostly read as that label."""
-    cfg = resolve(load_yaml(ROOT / "configs" / "mnist.yaml"), {})
+    cfg = resolve(load_yaml("mnist"), {})
     state, d = _train_in_process(cfg, mnist_dir, steps=250)
     assert all(np.isfinite(v) for v in d.values()), d
     assert d["d_real"] < 0.95 and d["d_fake"] > 0.05, f"D is winning: {d}"
@@ -135,7 +120,7 @@ def test_unconditional_early_steps_do_not_collapse(mnist_dir, reader, what):
     1s dominate). The defaults with R1 off, the setting that collapsed before, fail the same bar: D wins (D(x)
     0.96, D(G(z)) 0.05) and the samples crowd onto a few digits (4 at >= 2%, one at 57%)."""
     if what == "mnist-seed.yaml":
-        cfg = resolve(load_yaml(ROOT / "configs" / "mnist-seed.yaml"), {})
+        cfg = resolve(load_yaml("mnist-seed"), {})
     else:
         cfg = TrainConfig(dataset="mnist", r1_gamma=0.0 if "without" in what else TrainConfig().r1_gamma)
     state, d = _train_in_process(cfg, mnist_dir, steps=2000)
