@@ -53,11 +53,9 @@ def measure_step(arch: str, side: int, batch: int, steps: int, width: int, threa
     state = build_state(cfg, spec, device)
     real = torch.rand(batch, 3, side, side, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    before = _rss_mb()  # the models, optimisers and batch in memory; what the steps add is the step's own
     train_step(state, real)  # warm-up (allocator, kernels); a regularised step (step 0 is one)
     sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = _rss_mb()
     times = []
     for _ in range(steps):  # 4 consecutive steps hold one R1/R2 step: time whole cycles for a fair mean
         t0 = time.perf_counter()

@@ -70,9 +70,19 @@ def test_r3gan_initialisation_no_normalisation_and_bias_free_convolutions():
         assert blocks[0].spatial.groups == blocks[0].spatial.in_channels // resnet.GROUP_WIDTH
 
 
-def test_resampling_is_a_low_pass_that_keeps_the_mean():
-    x = torch.rand(2, 3, 8, 8)
+def test_resampling_is_r3gans_low_pass_filter_that_keeps_the_mean():
+    x = torch.rand(2, 3, 7, 7)
     up, down = resnet.Resample(up=True), resnet.Resample(up=False)
+    # R3GAN's reference resamplers: the [1, 3, 3, 1] kernel, zero insertion (x4) and a transposed conv up, a
+    # strided conv down, zero padding
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    k = (torch.outer(k, k) / 64)[None, None]
+    flat = x.reshape(6, 1, 7, 7)
+    assert torch.allclose(up(x), nn.functional.conv_transpose2d(flat, 4 * k, stride=2, padding=1).view(2, 3, 14, 14),
+                          atol=1e-6)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(down(x), nn.functional.conv2d(x.reshape(6, 1, 8, 8), k, stride=2, padding=1)
+                          .view(2, 3, 4, 4), atol=1e-6)
     assert up(x).shape == (2, 3, 16, 16) and down(x).shape == (2, 3, 4, 4)
     flat = torch.full((1, 1, 8, 8), 0.7)
     assert torch.allclose(up(flat)[..., 2:-2, 2:-2], torch.full((1, 1, 12, 12), 0.7))  # interior: no ripple

@@ -28,10 +28,13 @@ statistics, style modulation, noise inputs or progressive growing. The choices h
 - **Class conditioning** by embedding: G concatenates a label embedding to z; D projects its features onto a label
   embedding (a projection discriminator, as R3GAN). An AC-GAN class head (`--aux-weight`) reads the same features.
 
-Two departures, both at the edges: G ends in a sigmoid, because every generator here draws in [0, 1] (R3GAN's
-linear output draws in the data's [-1, 1] only as it learns), and D maps its input to [-1, 1] first (2x - 1), so
-its first layer sees centred data as in the paper. So `--r1-gamma` is with respect to [0, 1] pixels: the paper's
-gamma on [-1, 1] images corresponds to 4x that value here.
+At the edges, the [0, 1] images of this project meet R3GAN's [-1, 1]: D maps its input to [-1, 1] first (2x - 1),
+so `--r1-gamma` is with respect to [0, 1] pixels (the paper's gamma on [-1, 1] images is a quarter of the value
+here), and G's output is linear, as R3GAN's, then shifted to [0, 1] (0.5 + 0.5 y). A sigmoid there, as the other
+generators here have, fails without their BatchNorm: on MNIST's mostly-black pixels G drove its logits negative
+until the sigmoid saturated and its gradient vanished (all-black samples within 50 steps, measured). So D trains
+on the raw output, and G clamps to [0, 1] only when sampled (eval mode: the EMA generator, grids, evaluation,
+export, serving), where every consumer expects that range.
 
 Sizes: 28 pixels (a 7x7 basis, two upsamplings) and every power of two from 32 to 256 (a 4x4 basis).
 `--g-width`/`--d-width` W (a multiple of 8; default 32) are the channels at full resolution, doubled at every
@@ -131,30 +134,38 @@ class ResidualBlock(nn.Module):
         return x + self.project(self.act2(self.spatial(self.act1(self.expand(x)))))
 
 
-def _binomial_kernel() -> torch.Tensor:
-    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
-    k = torch.outer(k, k)
-    return k / k.sum()
+def _blur_pair(x: torch.Tensor) -> torch.Tensor:
+    """[1, 2, 1] / 4 along the last axis, zero-padded."""
+    p = F.pad(x, (1, 1))
+    return (p[..., :-2] + 2 * p[..., 1:-1] + p[..., 2:]) * 0.25
+
+
+def _upsample_axis(x: torch.Tensor) -> torch.Tensor:
+    """x2 along the last axis through [1, 3, 3, 1] / 4 (zero-padded), computed at the low resolution in its two
+    phases: out[2i] = (x[i-1] + 3 x[i]) / 4, out[2i+1] = (3 x[i] + x[i+1]) / 4."""
+    p = F.pad(x, (1, 1))
+    even = 0.25 * p[..., :-2] + 0.75 * p[..., 1:-1]
+    odd = 0.75 * p[..., 1:-1] + 0.25 * p[..., 2:]
+    return torch.stack([even, odd], dim=-1).flatten(-2)
 
 
 class Resample(nn.Module):
-    """Up- or down-sampling by 2 through the [1, 3, 3, 1] low-pass filter, one channel at a time (R3GAN's
-    interpolative resamplers, written with conv2d / conv_transpose2d so that R1's double backward runs anywhere)."""
+    """Up- or down-sampling by 2 through the [1, 3, 3, 1] low-pass filter, zero-padded: R3GAN's interpolative
+    resamplers, equal to its reference implementation to float precision (tests check it).
+
+    Written as shifted sums (elementwise ops: fast on CPUs, where a depthwise convolution with a fixed kernel is
+    slow, and twice differentiable anywhere, as R1 needs), one axis at a time (the filter is separable).
+    Upsampling is bilinear interpolation, in two phases per axis; downsampling's [1, 3, 3, 1] / 8 before
+    decimation is [1, 2, 1] / 4 then a 2x2 average ([1, 1] / 2 per axis)."""
 
     def __init__(self, up: bool):
         super().__init__()
         self.up = up
-        self.register_buffer("kernel", _binomial_kernel()[None, None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        flat = x.reshape(n * c, 1, h, w)
-        k = self.kernel.to(x.dtype)
-        if self.up:  # zero insertion, then the filter (gain 4 restores the mean)
-            y = F.conv_transpose2d(flat, k * 4, stride=2, padding=1)
-        else:
-            y = F.conv2d(flat, k, stride=2, padding=1)
-        return y.view(n, c, y.shape[-2], y.shape[-1])
+        if self.up:
+            return _upsample_axis(_upsample_axis(x).transpose(-1, -2)).transpose(-1, -2)
+        return F.avg_pool2d(_blur_pair(_blur_pair(x).transpose(-1, -2)).transpose(-1, -2), 2)
 
 
 class GeneratorStage(nn.Module):
@@ -211,7 +222,10 @@ class ResNetGenerator(nn.Module):
         if self.embed is not None:
             z = torch.cat([z, self.embed(labels)], dim=1)
         x = self.basis[None] * self.basis_scale(z)[:, :, None, None]
-        return torch.sigmoid(self.to_image(self.stages(self.first(x))))
+        # Linear, as R3GAN's (in [-1, 1] units: 0.5 + 0.5 y). D trains on the raw output; sampled (eval mode: EMA,
+        # grids, evaluation, export, serving) it is clamped to [0, 1], the range every consumer expects.
+        image = 0.5 + 0.5 * self.to_image(self.stages(self.first(x)))
+        return image if self.training else image.clamp(0.0, 1.0)
 
 
 class ResNetDiscriminator(nn.Module):
