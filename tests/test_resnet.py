@@ -26,12 +26,28 @@ def test_every_side_builds_draws_in_range_and_scores_each_image(side, classes):
     G, D = build(spec)
     labels = torch.arange(3) % 10 if classes else None
     with torch.no_grad():
-        x = G(torch.randn(3, 16), labels)
+        x = G.eval()(torch.randn(3, 16), labels)
         out, aux = D(x, labels, with_aux=True) if classes else (D(x, labels), None)
     assert x.shape == (3, 3, side, side) and 0 <= float(x.min()) and float(x.max()) <= 1
     assert out.shape == (3,) and torch.isfinite(out).all()
     assert aux is None or aux.shape == (3, 10)
     assert resnet.stage_widths(side, 8)[-1] == 8 and max(resnet.stage_widths(side, 8)) <= 8 * resnet.MAX_MULTIPLIER
+
+
+def test_g_trains_on_its_linear_output_and_is_sampled_in_range():
+    """No sigmoid to saturate: in training D sees G's raw output (values outside [0, 1] get a gradient back into
+    range); sampled (eval mode) the same images are clamped to [0, 1]."""
+    spec = ModelSpec("resnet", 16, (1, 28, 28), 0, g_width=8, d_width=8)
+    torch.manual_seed(0)
+    G, _ = build(spec)
+    z = torch.randn(64, 16)
+    raw = G.train()(z)
+    assert float(raw.min()) < 0 or float(raw.max()) > 1, "the training output is not squashed"
+    (raw.clamp(max=0) ** 2).sum().backward()  # pulling negative pixels up reaches every layer
+    assert G.to_image.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        sampled = G.eval()(z)
+    assert torch.equal(sampled, raw.detach().clamp(0, 1))
 
 
 def test_conditioning_changes_the_image_and_the_score():
@@ -43,7 +59,7 @@ def test_conditioning_changes_the_image_and_the_score():
             nn.init.normal_(block.project.weight, std=0.1)
     z = torch.randn(1, 16).repeat(2, 1)
     with torch.no_grad():
-        x = G(z, torch.tensor([3, 7]))
+        x = G.eval()(z, torch.tensor([3, 7]))
         assert not torch.allclose(x[0], x[1])
         d = D(x[:1].repeat(2, 1, 1, 1), torch.tensor([3, 7]))
     assert not torch.allclose(d[0], d[1])
