@@ -294,3 +294,25 @@ def deploy(name: str, model_dir: Path, **options) -> str:
     url = f"{http_url()}/{name}"
     wait_ready(url, timeout_s=120)
     return url
+
+# ------------------------------------------------------------------------------------------ real MNIST
+MNIST_GZ = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory):
+    """A --data-dir holding real MNIST (gunzipped from ../shared/data/mnist into DIR/MNIST/raw/), or a skip with
+    the reason when the shared data is not beside the checkout (a user's clone has none)."""
+    import gzip
+    import shutil
+
+    if not all((MNIST_GZ / f"{name}.gz").is_file() for name in MNIST_FILES):
+        pytest.skip(f"real MNIST not found in {MNIST_GZ} (the shared data beside the checkout)")
+    raw = tmp_path_factory.mktemp("mnist") / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        with gzip.open(MNIST_GZ / f"{name}.gz") as src, open(raw / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return raw.parent.parent

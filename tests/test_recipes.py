@@ -8,8 +8,6 @@ with R1 off, which this file checks too, so the bars below are known to catch wh
 """
 from __future__ import annotations
 
-import gzip
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +21,6 @@ from gan_ray.core.step import build_state, eval_mode, spec_for, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(RECIPES_DIR.glob("*.yaml"))
-MNIST_GZ = ROOT.parent / "shared" / "data" / "mnist"
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def test_every_recipe_is_a_valid_config_headed_by_its_measurements():
@@ -44,18 +40,7 @@ def test_a_recipe_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ real MNIST
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory):
-    if not all((MNIST_GZ / f"{name}.gz").is_file() for name in FILES):
-        pytest.skip(f"real MNIST not found in {MNIST_GZ} (the shared data beside the checkout)")
-    raw = tmp_path_factory.mktemp("mnist") / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in FILES:
-        with gzip.open(MNIST_GZ / f"{name}.gz") as src, open(raw / name, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return raw.parent.parent
-
-
+# `mnist_dir` (tests/conftest.py): real MNIST as a --data-dir, or a skip when ../shared is not beside the checkout.
 @pytest.fixture(scope="module")
 def reader(mnist_dir):
     """3-nearest-neighbour reader on 10,000 real training images, 7x7 average-pooled (about 95% accurate on the

@@ -48,7 +48,7 @@ def _images(n: int, shape: tuple[int, int, int]) -> torch.Tensor:
 
     data = load_dataset("digits")
     imgs = data.images
-    if imgs.shape[1:] != shape:  # dcgan at other sizes: digits resized/tiled to the shape (throughput only)
+    if imgs.shape[1:] != shape:  # conv archs at other sizes: digits resized/tiled to the shape (throughput only)
         imgs = torch.nn.functional.interpolate(imgs, size=shape[1:]).repeat(1, shape[0], 1, 1)
     return imgs.repeat((n + len(imgs) - 1) // len(imgs), 1, 1, 1)[:n].float().contiguous()
 
@@ -273,12 +273,11 @@ def _check_args(args: Any) -> list[int]:
     if args.steps < 1 or args.repeats < 1 or args.threads < 1:
         raise UserError("--steps, --repeats and --threads must be positive")
     from gan_ray.core.fast_step import resolve
-    from gan_ray.core.models import _base_size
+    from gan_ray.core.models import check_image_size
 
-    if args.arch == "dcgan":
-        _base_size(args.image_size)  # 28/32/64 only: a one-line error otherwise
-    elif args.image_size < 1:
+    if args.image_size < 1:
         raise UserError("--image-size must be positive")
+    check_image_size(args.arch, args.image_size)  # dcgan: 28/32/64, resnet: 28 or 32..256: one line otherwise
     resolve(args.precision, args.cuda_graph, args.compile, arch=args.arch, device=args.device)  # refuse early
     return sizes
 

@@ -18,8 +18,8 @@ def add_command(sub) -> None:
     p.add_argument("--arch", choices=ARCHS, default="mlp")
     p.add_argument("--batch-size", default="64", help="images per step; a comma-separated list measures each "
                                                       "(one Ray Train launch for all), e.g. 64,1024,4096")
-    p.add_argument("--image-size", type=int, default=28, help="image side: 28 (digits) or, for dcgan, 32/64 "
-                                                              "(digits resized: throughput only)")
+    p.add_argument("--image-size", type=int, default=28, help="image side: 28 (digits) or, for dcgan, 32/64, "
+                                                              "for resnet 32..256 (digits resized: throughput only)")
     p.add_argument("--steps", type=int, default=150, help="timed steps per repeat (rounded up to whole epochs of "
                                                           f"{BATCHES_IN_DATA} steps for gan-ray)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")

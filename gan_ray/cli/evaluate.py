@@ -22,6 +22,9 @@ READINGS = {
     "recall": ("recall_real", "real", "share of real variety the samples cover"),
     "class_coverage": ("class_coverage_real", "real", "rarest class vs its real share; 0 = a class missing"),
     "label_accuracy": ("extractor_quality", "reader", "samples read as the label they were asked for"),
+    "modes": ("modes_real", "real", "digit triples drawn, of 1000 (each channel read by the MNIST reader)"),
+    "mode_kl": ("mode_kl_real", "real", "KL(triples || uniform), nats; 0 = every triple equally often"),
+    "reader_confidence": ("reader_confidence_real", "real", "the MNIST reader's confidence in each channel's digit"),
 }
 
 
@@ -37,7 +40,8 @@ def add_command(subparsers) -> None:
                                                    "digits for --samples)")
     p.add_argument("--data-dir", default=None, help="where downloadable datasets live (default: the run's, "
                                                     f"else {DEFAULT_DATA_DIR})")
-    p.add_argument("--n", type=positive_int, default=2000, help="images to generate and score (default: 2000)")
+    p.add_argument("--n", type=positive_int, default=None, help="images to generate and score (default: 2000; "
+                                                                "stacked-mnist: 26000, the mode-coverage protocol's)")
     p.add_argument("--seed", type=int, default=0, help="noise and split seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--inception-weights", default=None, metavar="FILE",
@@ -111,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         from gan_ray.core.model_dir import open_generator
 
         gen = open_generator(checkpoint=args.checkpoint, model=args.model)
+        args.n = args.n or default_count(args.dataset or gen.info.get("dataset"))
         result = evaluate_generator(gen, args.dataset, n=args.n, seed=args.seed, data_dir=args.data_dir, log=log)
         source = f"checkpoint {args.checkpoint}" if args.checkpoint else f"model {args.model}"
         if inception is not None:
@@ -123,6 +128,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(result))
     return 0
+
+
+def default_count(dataset: str | None) -> int:
+    """Images scored unless --n says: the mode-coverage protocol's 26,000 where a reader counts modes, else 2000."""
+    from gan_ray.eval.features import CHANNEL_READERS
+    from gan_ray.eval.modes import MODE_SAMPLES
+
+    return MODE_SAMPLES if dataset in CHANNEL_READERS else 2000
 
 
 def _check_known_shape(dataset: str, shape: tuple[int, ...]) -> None:
@@ -148,6 +161,10 @@ def _finite(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def _number(v: Any) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.3f}"
+
+
 def format_table(r: dict[str, Any]) -> str:
     lines = [f"{r['source']}: {r['n']} images vs {r['reference_size']} held-out {r['dataset']} images "
              f"(seed {r['seed']}, {r['seconds']:.1f}s)",
@@ -156,14 +173,19 @@ def format_table(r: dict[str, Any]) -> str:
         value = r.get(key)
         if value is None:
             continue
-        beside = f"{label} {r[other]:.3f}" if other and r.get(other) is not None else ""
-        lines.append(f"  {key:<18}{value:>10.3f}  {beside:<16}{reading}")
+        beside = f"{label} {_number(r[other])}" if other and r.get(other) is not None else ""
+        lines.append(f"  {key:<18}{_number(value):>10}  {beside:<16}{reading}")
     if r.get("fid_inception") is not None:
         lines.append(f"  {'fid_inception':<18}{r['fid_inception']:>10.3f}  {'':<16}Inception-v3 FID (see caveats)")
+    split = (f"FD over {r['fd_splits']} splits of {r['split_size']} vs {r['reference_size'] - r['split_size']} "
+             "images")
+    if r["extractor"] == "channels":
+        lines.append(f"features: {r['feature_dim']}-d, the MNIST reader's penultimate layer on each channel (its "
+                     f"held-out accuracy {r['extractor_quality']:.1%}); {split}")
+        return "\n".join(lines)
     what = "held-out accuracy" if r["extractor"] == "classifier" else "held-out explained variance"
     lines.append(f"features: {r['feature_dim']}-d penultimate layer of the {r['dataset']} {r['extractor']} "
-                 f"({what} {r['extractor_quality']:.1%}); FD over {r['fd_splits']} splits of "
-                 f"{r['split_size']} vs {r['reference_size'] - r['split_size']} images")
+                 f"({what} {r['extractor_quality']:.1%}); {split}")
     if r["extractor"] != "classifier":
         lines.append("note: unlabelled data: features come from an autoencoder (pixel statistics, not classes); "
                      "classifier score, coverage and label accuracy are not available")

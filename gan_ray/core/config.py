@@ -17,11 +17,11 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from gan_ray.core.errors import UserError
 from gan_ray.core.settings import RunName, Settings
 
-Arch = Literal["mlp", "seed", "dcgan"]
+Arch = Literal["mlp", "seed", "dcgan", "resnet"]
 ARCHS: tuple[str, ...] = Arch.__args__  # type: ignore[attr-defined]
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
-BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "stacked-mnist")
 # Where torchvision datasets are downloaded to / looked for, unless --data-dir says otherwise.
 DEFAULT_DATA_DIR = "~/.cache/gan-ray/data"
 
@@ -41,8 +41,8 @@ def check_dataset_name(name: str) -> str:
         return name
     if "/" in name or name.startswith(("~", ".")):  # a prepared dataset's path or URI (gan_ray.core.prepared)
         return name
-    raise UserError(f"unknown --dataset {name!r}; choose digits, mnist, fashion-mnist, cifar10, folder:PATH or a "
-                    "prepared dataset's path or URI (./prepared/mnist, s3://bucket/mnist)")
+    raise UserError(f"unknown --dataset {name!r}; choose digits, mnist, fashion-mnist, cifar10, stacked-mnist, "
+                    "folder:PATH or a prepared dataset's path or URI (./prepared/mnist, s3://bucket/mnist)")
 
 
 def graph_mode(value: object) -> str:
@@ -69,22 +69,24 @@ class TrainConfig(Settings):
 
     # data
     dataset: Annotated[str, AfterValidator(check_dataset_name)] = _opt(
-        "digits", "digits | mnist | fashion-mnist | cifar10 | folder:PATH | a prepared dataset's path or URI "
-        "(`gan-ray prepare`: ./prepared/x, s3://bucket/x)")
+        "digits", "digits | mnist | fashion-mnist | cifar10 | stacked-mnist | folder:PATH | a prepared dataset's "
+        "path or URI (`gan-ray prepare`: ./prepared/x, s3://bucket/x)")
     data_dir: str = _opt(DEFAULT_DATA_DIR, "where torchvision datasets are downloaded / looked for")
-    image_size: int = _opt(28, "side length images are resized to (folder datasets; 28/32/64 for dcgan; a "
-                           "prepared dataset's own unless given)", ge=1)
+    image_size: int = _opt(28, "side length images are resized to (folder datasets; 28/32/64 for dcgan, 28 or "
+                           "32..256 powers of two for resnet; a prepared dataset's own unless given)", ge=1)
     data_mode: Literal["auto", "memory", "stream"] = _opt(
         "auto", "memory: every worker holds the decoded training split (the GPU fast path); stream: Ray Data "
         "streams a prepared dataset's shards to the workers; auto: memory when it fits comfortably in a worker "
         "(always, for built-in and folder: datasets)")
     # model
     arch: Arch = _opt("mlp", "generator/discriminator architecture: mlp (LeakyReLU), seed (the article's ReLU "
-                      "MLPs, exactly) or dcgan")
+                      "MLPs, exactly), dcgan or resnet (R3GAN's modern ResNet)")
     conditional: bool = _opt(False, "class-conditional G and D (labelled datasets only)")
     latent_dim: int = _opt(100, "size of the noise vector z", ge=1)
-    g_width: int = _opt(0, "dcgan: G's base channels, doubled per resolution step (0 = 64)", ge=0)
-    d_width: int = _opt(0, "dcgan: D's base channels, doubled per resolution step (0 = 64)", ge=0)
+    g_width: int = _opt(0, "dcgan, resnet: G's channels at full resolution, doubled per halving (0 = 64 for dcgan, "
+                        "32 for resnet; resnet: a multiple of 8)", ge=0, le=1024)
+    d_width: int = _opt(0, "dcgan, resnet: D's channels at full resolution, doubled per halving (0 = 64 for dcgan, "
+                        "32 for resnet; resnet: a multiple of 8)", ge=0, le=1024)
     spectral_norm: bool = _opt(False, "spectral normalisation on every layer of D")
     aux_weight: float = _opt(0.0, "conditional: weight of an auxiliary class head on D (AC-GAN): D learns to "
                              "classify reals, G to make its images read as the asked class (0 = off)", ge=0)
@@ -118,7 +120,7 @@ class TrainConfig(Settings):
     # worker's device (see gan_ray/core/fast_step.py): on CPU exactly the fp32 eager step.
     precision: Literal["auto", "fp32", "tf32", "bf16"] = _opt(
         "auto", "fp32 | tf32 (CUDA matmul/conv) | bf16 (autocast, fp32 weights) | auto (CPU: fp32; GPU: bf16 for "
-        "dcgan, tf32 for mlp)")
+        "dcgan and resnet, tf32 for mlp)")
     cuda_graph: Annotated[Literal["auto", "on", "off"], BeforeValidator(graph_mode)] = _opt(
         "auto", "capture the whole adversarial step in one CUDA graph: on | off | auto (on with one GPU worker)",
         json_schema_extra={"const": "on"})
@@ -160,8 +162,14 @@ class TrainConfig(Settings):
         if self.data_mode == "stream" and (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("folder:")):
             raise ValueError(f"--data-mode stream reads a prepared dataset's shards; prepare {self.dataset} once "
                              "with `gan-ray prepare` and train with --dataset set to its path or URI")
-        if (self.g_width or self.d_width) and self.arch != "dcgan":
-            raise ValueError(f"--g-width and --d-width set a dcgan's channels; --arch {self.arch} has fixed sizes")
+        if (self.g_width or self.d_width) and self.arch not in ("dcgan", "resnet"):
+            raise ValueError(f"--g-width and --d-width set the channels of a dcgan or resnet; --arch {self.arch} has "
+                             "fixed sizes")
+        if self.arch == "resnet" and (self.g_width or self.d_width):
+            from gan_ray.core.resnet import check_width  # the architecture's own rule (imports torch: only here)
+
+            check_width(self.g_width, "--g-width")
+            check_width(self.d_width, "--d-width")
         return self
 
     def eager_only_settings(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import torch
 from gan_ray.core import prepared
 from gan_ray.core.config import BUILTIN_DATASETS, DEFAULT_DATA_DIR, TrainConfig, check_dataset_name
 from gan_ray.core.errors import UserError
+from gan_ray.core.models import check_image_size
 
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 # Files each torchvision dataset needs, for the offline error message.
@@ -84,6 +85,10 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str = DEFAULT_DAT
         return _digits(split)
     if name.startswith("folder:"):
         return _folder(Path(name[len("folder:"):]).expanduser(), split, image_size)
+    if name == "stacked-mnist":
+        from gan_ray.core import stacked_mnist
+
+        return stacked_mnist.load(split, data_dir)
     return _torchvision(name, split, Path(data_dir).expanduser())
 
 
@@ -205,16 +210,22 @@ def shard_order(n: int, *, epoch: int, rank: int, world_size: int, seed: int,
 # ----------------------------------------------------------------------------- what a config's dataset will be
 # Shapes, class counts and sizes (train + held out) of the built-in datasets, known without downloading them.
 KNOWN_SHAPES = {"digits": ((1, 28, 28), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
-                "cifar10": ((3, 32, 32), 10)}
-KNOWN_TRAIN_IMAGES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}  # their own test sets are held out
+                "cifar10": ((3, 32, 32), 10), "stacked-mnist": ((3, 28, 28), 1000)}
+KNOWN_TRAIN_IMAGES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000,  # their own test sets are held out
+                      "stacked-mnist": 60_000}
 DIGITS_IMAGES = 1797  # scikit-learn's digits, split here into train and held out
 assert set(KNOWN_SHAPES) == set(BUILTIN_DATASETS)
 
 
 def describe_dataset(cfg: TrainConfig) -> tuple[tuple[int, int, int], int]:
     """(image shape, number of classes) of the configured dataset, without loading it; checks it can be trained as
-    configured (labels for --conditional, a size dcgan supports, a batch that fits each worker's share)."""
+    configured (labels for --conditional, a size the architecture supports, a batch that fits each worker's
+    share)."""
     check_dataset_name(cfg.dataset)
+    if cfg.dataset == "stacked-mnist":  # built from MNIST's files, never downloaded: refuse now if they are missing
+        from gan_ray.core.stacked_mnist import require_mnist
+
+        require_mnist(cfg.data_dir)
     if cfg.dataset in KNOWN_SHAPES:
         shape, k = KNOWN_SHAPES[cfg.dataset]
         n_train = KNOWN_TRAIN_IMAGES.get(cfg.dataset) or train_count(DIGITS_IMAGES)
@@ -230,8 +241,7 @@ def describe_dataset(cfg: TrainConfig) -> tuple[tuple[int, int, int], int]:
         n_train = train_count(len(files))
     if cfg.conditional and k == 0:
         raise UserError(f"--conditional needs labelled data; {cfg.dataset} has no class sub-folders")
-    if cfg.arch == "dcgan" and shape[1] not in (28, 32, 64):
-        raise UserError(f"--arch dcgan supports 28, 32 or 64 pixel images, got {shape[1]} (set --image-size)")
+    check_image_size(cfg.arch, shape[1])
     check_batch_fits(n_train, cfg.workers, cfg.batch_size)
     return shape, k
 

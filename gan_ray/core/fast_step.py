@@ -62,6 +62,9 @@ class FastPath:
                 "channels_last": self.channels_last}
 
 
+CONV_ARCHS = ("dcgan", "resnet")  # convolutional: bf16 and channels_last pay on a GPU
+
+
 def _bf16_ok() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
@@ -71,7 +74,8 @@ def resolve(precision: str = "auto", cuda_graph: str | bool = "auto", compile: b
             eager_only: tuple[str, ...] = ()) -> FastPath:
     """The fastest path that stays correct on `device`, unless the flags ask for something specific.
 
-    auto precision: fp32 on CPU; on a GPU bf16 for dcgan (convolutions: where bf16 pays) and tf32 for mlp.
+    auto precision: fp32 on CPU; on a GPU bf16 for the convolutional archs (dcgan, resnet: where bf16 pays) and
+    tf32 for the MLPs.
     auto cuda_graph: on with one CUDA worker, off otherwise (DDP's gradient all-reduce is not captured) and off
     when a setting in `eager_only` is used (the stabilisers: never captured and checked on a GPU, so not offered).
     Asking for what cannot work (a graph on CPU, with DDP or a stabiliser, bf16 on a GPU without it) is a
@@ -80,7 +84,7 @@ def resolve(precision: str = "auto", cuda_graph: str | bool = "auto", compile: b
     device = torch.device(device)
     cuda = device.type == "cuda"
     if precision == "auto":
-        precision = ("bf16" if arch == "dcgan" and _bf16_ok() else "tf32") if cuda else "fp32"
+        precision = ("bf16" if arch in CONV_ARCHS and _bf16_ok() else "tf32") if cuda else "fp32"
     if precision not in CONCRETE_PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}; choose one of auto, {', '.join(CONCRETE_PRECISIONS)}")
     if precision == "bf16" and cuda and not _bf16_ok():
@@ -96,7 +100,7 @@ def resolve(precision: str = "auto", cuda_graph: str | bool = "auto", compile: b
         raise UserError(f"--cuda-graph on captures the plain step only; {', '.join(eager_only)} run(s) eagerly "
                         "(use --cuda-graph auto or off)")
     graph = mode == "on" or (mode == "auto" and cuda and world_size == 1 and not eager_only)
-    return FastPath(precision, graph, bool(compile), channels_last=cuda and arch == "dcgan",
+    return FastPath(precision, graph, bool(compile), channels_last=cuda and arch in CONV_ARCHS,
                     compile_backend=compile_backend)
 
 

@@ -12,6 +12,9 @@ Pure `nn.Module`s: no I/O, no DDP. Every generator maps (z, labels) to images in
   channels of each (G's last layer, D's first; doubled at every step down in resolution; default 64): narrower
   is much faster on CPUs. D has no BatchNorm, so DDP's buffer
   broadcast has nothing to modify in place; conditional D is a projection discriminator (Miyato & Koyama 2018).
+- `resnet`: R3GAN's modern baseline (`gan_ray.core.resnet`, where its choices are explained): residual blocks with
+  grouped convolutions, fix-up initialisation and no normalisation, low-pass resampling; 28 pixels or any power of
+  two from 32 to 256. `g_width`/`d_width` are the channels at full resolution (default 32).
 
 `spectral_norm` wraps every linear and convolution layer of D in spectral normalisation (Miyato et al. 2018):
 each layer's largest singular value is kept at 1, so D is 1-Lipschitz per layer and cannot sharpen without bound.
@@ -27,6 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gan_ray.core import resnet
 from gan_ray.core.errors import UserError
 
 
@@ -39,8 +43,8 @@ class ModelSpec:
     image_shape: tuple[int, int, int]  # C, H, W
     num_classes: int = 0  # 0 = unconditional
     spectral_norm: bool = False  # D's layers spectrally normalised (D only: exported generators never have it)
-    g_width: int = 0  # dcgan: G's base channels (0 = the architecture's default, 64)
-    d_width: int = 0  # dcgan: D's base channels
+    g_width: int = 0  # dcgan/resnet: G's channels at full resolution (0 = the architecture's default)
+    d_width: int = 0  # dcgan/resnet: D's channels at full resolution
     aux_classifier: bool = False  # D has an auxiliary class head (AC-GAN; conditional only)
 
     @property
@@ -97,14 +101,24 @@ def _positive_int(x: object, name: str) -> int:
 
 # Architecture name (`--arch`, ModelSpec.arch) -> the function that builds a fresh (G, D) pair for a spec.
 ARCHITECTURES: dict[str, Callable[[ModelSpec], tuple[nn.Module, nn.Module]]] = {}
+# Architecture name -> its rule for image sides (raises UserError for a side it cannot build); none = any side.
+SIDE_RULES: dict[str, Callable[[int], object]] = {}
 
 
-def architecture(name: str):
-    """Decorator: the function builds architecture `name`."""
+def architecture(name: str, sides: Callable[[int], object] | None = None):
+    """Decorator: the function builds architecture `name`; `sides` refuses the image sides it cannot build."""
     def deco(fn):
         ARCHITECTURES[name] = fn
+        if sides is not None:
+            SIDE_RULES[name] = sides
         return fn
     return deco
+
+
+def check_image_size(arch: str, side: int) -> None:
+    """A UserError when `arch` cannot build images of this side (checked before any data or Ray is touched)."""
+    if arch in SIDE_RULES:
+        SIDE_RULES[arch](side)
 
 
 def build(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
@@ -190,7 +204,7 @@ def _base_size(side: int) -> tuple[int, int]:
     """Starting side and number of 2x up/down-samplings for a supported resolution."""
     table = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
     if side not in table:
-        raise UserError(f"--arch dcgan supports 28, 32 or 64 pixel images, got {side}")
+        raise UserError(f"--arch dcgan supports 28, 32 or 64 pixel images, got {side} (set --image-size)")
     return table[side]
 
 
@@ -248,9 +262,15 @@ class DCGANDiscriminator(nn.Module):
         return (out, self.aux(f)) if with_aux else out
 
 
-@architecture("dcgan")
+@architecture("dcgan", sides=_base_size)
 def _dcgan(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
     return DCGANGenerator(spec, spec.g_width or 64), DCGANDiscriminator(spec, spec.d_width or 64)
+
+
+# ------------------------------------------------------------------------------------------------------- resnet
+@architecture("resnet", sides=resnet.stage_plan)
+def _resnet(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
+    return resnet.ResNetGenerator(spec, spec.g_width), resnet.ResNetDiscriminator(spec, spec.d_width)
 
 
 def count_params(module: nn.Module) -> int:

@@ -70,7 +70,7 @@ def format_progress(row: dict, total_epochs: int) -> str:
              f"loss_d {row['loss_d']:.3f}", f"loss_g {row['loss_g']:.3f}",
              f"D(x) {row['d_real']:.2f}", f"D(G(z)) {row['d_fake']:.2f}",
              f"{row['images_per_s']:,.0f} img/s", f"{row.get('wall_s', 0):.1f}s"]
-    for key in ("fd", "fd_ratio", "class_coverage", "label_accuracy"):
+    for key in ("fd", "fd_ratio", "class_coverage", "label_accuracy", "modes", "mode_kl", "reader_confidence"):
         if key in row:
             parts.append(f"{key} {row[key]:.3g}")
     return "  ".join(parts)

@@ -10,6 +10,10 @@ training split, whose penultimate layer is the feature space the metrics work in
   space. Caveat: it is trained to reconstruct pixels, not to separate kinds of images, so distances in it follow
   pixel statistics more than meaning; only the Frechet distance and precision/recall are available with it.
   Its quality is the held-out explained variance of the reconstruction.
+- Datasets whose channels are another dataset's images (`CHANNEL_READERS`: Stacked-MNIST, three MNIST digits as
+  colours) get a `channels` extractor: that dataset's classifier reads each channel as a grey image, the features
+  are the channels' features side by side, and each channel's digit and the reader's confidence in it are what
+  mode coverage counts (`gan_ray.eval.modes`). Nothing of its own is trained: its quality is the reader's.
 
 The feature dimension is chosen from the held-out set's size (at least 8 real images per dimension in each half
 of it), because the Frechet distance needs covariances estimated from samples well above the dimension.
@@ -52,6 +56,9 @@ MIN_FEATURE_DIM, MAX_FEATURE_DIM = 8, 64
 # must close at least half of the gap between chance and perfect accuracy.
 MIN_ACCURACY = {"digits": 0.90, "mnist": 0.95, "fashion-mnist": 0.80, "cifar10": 0.55}
 MIN_EXPLAINED_VARIANCE = 0.5  # the autoencoder fallback's bar
+# Datasets read channel by channel with another dataset's classifier. A classifier trained on Stacked-MNIST's 1000
+# triples directly reaches 21% held-out accuracy with this recipe; MNIST's reads each digit at 98.8%.
+CHANNEL_READERS = {"stacked-mnist": "mnist"}
 
 
 @dataclass(frozen=True)
@@ -141,11 +148,33 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(self.encoder(x)).view(x.shape[0], *self.shape)
 
 
+class ChannelReader(nn.Module):
+    """One grey-image classifier applied to every channel: `encoder` gives the channels' features side by side,
+    `read` those and each channel's class probabilities from one pass."""
+
+    def __init__(self, classifier: ConvClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def encoder(self, x: torch.Tensor) -> torch.Tensor:
+        return self.read(x)[0]
+
+    def read(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, h, w = x.shape
+        f = self.classifier.encoder(x.reshape(n * c, 1, h, w))
+        probs = torch.softmax(self.classifier.head(f).double(), dim=1)
+        return f.reshape(n, -1), probs.reshape(n, c, -1)
+
+
 def build_net(meta: dict[str, Any]) -> nn.Module:
     """A fresh network for an extractor's meta; its random init leaves the global RNG as it was (the training
     hook builds one inside a training process whose RNG state is checkpointed)."""
     shape = tuple(meta["image_shape"])
     with torch.random.fork_rng(devices=[]):
+        if meta["kind"] == "channels":
+            reader = meta["reader"]
+            return ChannelReader(ConvClassifier(1, reader["num_classes"], reader["feature_dim"],
+                                                meta["recipe"]["width"], meta["recipe"]["hidden"]))
         if meta["kind"] == "classifier":
             return ConvClassifier(shape[0], meta["num_classes"], meta["feature_dim"], meta["recipe"]["width"],
                                   meta["recipe"]["hidden"])
@@ -197,7 +226,8 @@ class Extractor:
         """Raise a UserError when the extractor is too weak for its scores to mean anything."""
         bar = self.meta["min_quality"] if threshold is None else threshold
         if self.quality < bar:
-            what = "held-out accuracy" if self.kind == "classifier" else "held-out explained variance"
+            what = {"classifier": "held-out accuracy", "channels": "held-out accuracy (its channel reader's)"
+                    }.get(self.kind, "held-out explained variance")
             raise UserError(f"the feature extractor for {self.meta['dataset']} reaches only {self.quality:.1%} "
                             f"{what} (< {bar:.0%} required), so scores in its feature space would not be "
                             f"meaningful; more (or cleaner) training data is needed")
@@ -220,6 +250,26 @@ class Extractor:
                     probs.append(torch.softmax(self.net.head(f).double(), dim=1).cpu())
         features = torch.cat(feats).numpy() if feats else np.zeros((0, self.feature_dim))
         return features, (torch.cat(probs).numpy() if probs else None)
+
+    @torch.no_grad()
+    def read(self, images: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A `channels` extractor's pass over images [N, C, H, W] (float in [0, 1] or uint8): (features float64
+        [N, d], each channel's class [N, C], the reader's probability for it [N, C])."""
+        if self.kind != "channels":
+            raise ValueError(f"a {self.kind} extractor does not read channels")
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise UserError(f"images of shape {tuple(images.shape[1:])} do not match the dataset's "
+                            f"{self.image_shape}")
+        feats, probs = [], []
+        with single_thread() if self.device.type == "cpu" else contextlib.nullcontext():
+            for start in range(0, images.shape[0], batch_size):
+                f, p = self.net.read(to_float(images[start:start + batch_size]).to(self.device))
+                feats.append(f.double().cpu())
+                probs.append(p.cpu())
+        if not feats:
+            return np.zeros((0, self.feature_dim)), np.zeros((0, self.image_shape[0]), np.int64), np.zeros((0, 0))
+        confidence, classes = torch.cat(probs).max(dim=2)
+        return torch.cat(feats).numpy(), classes.numpy(), confidence.numpy()
 
 
 def _copy_net(net: nn.Module, meta: dict[str, Any], device: torch.device) -> nn.Module:
@@ -389,10 +439,33 @@ def extractor_for(train: ImageDataset, heldout: ImageDataset, *, cache_dir: str 
     return Extractor(net, meta, path)
 
 
+def channel_extractor(reader: Extractor, dataset: str, channels: int) -> Extractor:
+    """`dataset`'s extractor: `reader` (a grey-image classifier) applied to each of its `channels` channels."""
+    if reader.kind != "classifier" or reader.image_shape[0] != 1:
+        raise ValueError(f"a channel reader must be a grey-image classifier, got {reader.kind} {reader.image_shape}")
+    _, h, w = reader.image_shape
+    meta = {
+        "format": reader.meta["format"], "kind": "channels", "dataset": dataset,
+        "image_shape": [channels, h, w], "num_classes": reader.num_classes ** channels,
+        "feature_dim": channels * reader.feature_dim, "recipe": reader.meta["recipe"],
+        "quality": reader.quality, "min_quality": reader.meta["min_quality"],
+        "quality_name": "reader_heldout_accuracy", "key": f"{dataset}-channels-{reader.key}",
+        "reader": {"dataset": reader.meta["dataset"], "key": reader.key, "num_classes": reader.num_classes,
+                   "feature_dim": reader.feature_dim},
+    }
+    net = ChannelReader(reader.net).to(reader.device).eval().requires_grad_(False)
+    return Extractor(net, meta, reader.path, reader.device)
+
+
 def load_extractor(dataset: str, *, data_dir: str = DEFAULT_DATA_DIR, image_size: int = 28,
                    cache_dir: str | Path | None = None, log=lambda msg: None) -> Extractor:
     """The extractor for a dataset by name (digits, mnist, ..., folder:PATH, a prepared dataset: trained on a
     bounded sample of its training split)."""
+    if dataset in CHANNEL_READERS:
+        from gan_ray.core.data import KNOWN_SHAPES
+
+        reader = load_extractor(CHANNEL_READERS[dataset], data_dir=data_dir, cache_dir=cache_dir, log=log)
+        return channel_extractor(reader, dataset, KNOWN_SHAPES[dataset][0][0])
     train = load_dataset(dataset, "train", data_dir=data_dir, image_size=image_size, sample=True)
     heldout = load_dataset(dataset, "heldout", data_dir=data_dir, image_size=image_size)
     return extractor_for(train, heldout, cache_dir=cache_dir, log=log)

@@ -6,7 +6,9 @@ The hook runs on rank 0 at every checkpoint epoch (and every `--eval-every` epoc
 report barrier meanwhile, so it scores `--eval-samples` images from the EMA generator with a fixed noise seed (the
 same images every evaluation: differences between epochs come from the generator alone) and stays well under a
 second: the held-out set is embedded once per worker process, and precision/recall (k-NN radii over the held-out
-set, ~30 s on MNIST) are left to `gan-ray evaluate` unless --eval-full.
+set, ~30 s on MNIST) are left to `gan-ray evaluate` unless --eval-full. On stacked-mnist the mode coverage is
+counted over the `--eval-samples` images, fewer than the protocol's 26,000 (so fewer modes than `gan-ray evaluate`
+finds: compare with its `modes_real`, measured at the same size).
 Ray-free: `ray_train` calls it like any other hook.
 """
 from __future__ import annotations

@@ -12,10 +12,12 @@ The protocol, and why (held-out sets can be small: digits has 270 images):
   generator scores `fd_ratio` ~ 1. There are 64 splits, each a fresh random halving of the held-out set, and
   they cycle through disjoint generated chunks, so every generated image counts and both values are steady.
 - Precision and recall (Kynkaanniemi et al. 2019, k=3) use the first splits (one per generated chunk, 4 to 16),
-  with the real sample's values (`precision_real`, `recall_real`) beside them: what real data scores at these
-  sizes.
+  each set subsampled to at most PR_MAX_POINTS, with the real sample's values (`precision_real`, `recall_real`)
+  beside them: what real data scores at these sizes.
 - The classifier score, class coverage and label accuracy use all n generated images; their real counterparts
   are computed on held-out images resampled to the same n.
+- Stacked-MNIST also gets mode coverage (`gan_ray.eval.modes`): every channel read by the MNIST reader, modes hit
+  and the reverse KL to uniform over the 1000 digit triples, beside a real sample of the same size.
 
 Metrics live in a small registry (`@register_metric`, as in stylegan2-ada): each takes an `EvalContext` and
 returns named values; names are validated before any work starts.
@@ -39,17 +41,23 @@ from gan_ray.eval.features import single_thread
 K_NEIGHBOURS = 3
 FD_SPLITS = 64  # FD needs only means and covariances: many splits are cheap and steady the floor
 MIN_PR_SPLITS, MAX_PR_SPLITS = 4, 16
+# Precision/recall's k-NN radii cost the square of the points: each set of a split is subsampled to at most this
+# many (MNIST's default 2000 samples are untouched; Stacked-MNIST's 26,000 would take an hour on one core).
+PR_MAX_POINTS = 2000
 REAL_RESAMPLES = 8  # bootstrap draws behind classifier_score_real / class_coverage_real
 GENERATED_PER_DIM = 8  # generated images per feature dimension, at least (FD needs covariances above the dimension)
 
 # Every key a full evaluation returns (None where it does not apply), in display order.
 METRIC_KEYS = ("fd", "fd_floor", "fd_ratio", "classifier_score", "classifier_score_real", "precision",
                "precision_real", "recall", "recall_real", "class_coverage", "class_coverage_real",
-               "classes_seen", "label_accuracy")
+               "classes_seen", "label_accuracy", "modes", "modes_real", "mode_kl", "mode_kl_real",
+               "reader_confidence", "reader_confidence_real")
 # What training evaluates at its checkpoints unless --eval-full: everything but precision/recall, whose k-NN
 # radii over the held-out set cost ~30 s per evaluation on MNIST (the rest: well under a second).
-TRAINING_METRICS = ("fd", "classifier_scores", "class_coverages", "label_accuracies")
-SEEN_SHARE = 0.01  # a class counts as drawn when at least this share of the samples reads as it
+TRAINING_METRICS = ("fd", "classifier_scores", "class_coverages", "label_accuracies", "mode_coverage")
+# A class counts as drawn when at least this fraction of its share under a uniform draw reads as it: 1% of the
+# samples with 10 classes; with Stacked-MNIST's 1000, a thousandth of that.
+SEEN_SHARE_OF_UNIFORM = 0.1
 
 
 # ------------------------------------------------------------------------------------------- building blocks
@@ -140,8 +148,10 @@ def class_coverage(predicted: np.ndarray, class_shares: np.ndarray) -> float:
     return float(np.min(shares / np.maximum(np.asarray(class_shares, dtype=np.float64), 1e-12)))
 
 
-def classes_seen(predicted: np.ndarray, num_classes: int, min_share: float = SEEN_SHARE) -> int:
-    """How many classes hold at least `min_share` of the images: 1 means the generator draws a single class."""
+def classes_seen(predicted: np.ndarray, num_classes: int, min_share: float | None = None) -> int:
+    """How many classes hold at least `min_share` of the images (default: a tenth of 1 / num_classes): 1 means the
+    generator draws a single class."""
+    min_share = SEEN_SHARE_OF_UNIFORM / num_classes if min_share is None else min_share
     counts = np.bincount(np.asarray(predicted, dtype=np.int64), minlength=num_classes)[:num_classes]
     return int((counts >= min_share * max(len(predicted), 1)).sum())
 
@@ -159,6 +169,8 @@ class Embedded:
     features: np.ndarray
     probs: np.ndarray | None
     labels: np.ndarray | None = None  # true classes (real images of a labelled dataset)
+    digits: np.ndarray | None = None  # [N, C] each channel's digit as the MNIST reader reads it (stacked-mnist)
+    confidence: np.ndarray | None = None  # [N, C] the reader's probability for those digits
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -258,10 +270,15 @@ def fd(ctx: EvalContext) -> dict[str, float | None]:
 @register_metric
 def precision_recall_k3(ctx: EvalContext) -> dict[str, float | None]:
     gen_pr, real_pr = [], []
+    rng = np.random.default_rng([ctx.seed, 0x9E7])
+
+    def at_most(idx: np.ndarray) -> np.ndarray:  # the same set when it is small enough
+        return np.sort(rng.choice(idx, size=min(len(idx), PR_MAX_POINTS), replace=False))
+
     for sp in ctx.splits[:pr_split_count(len(ctx.gen), len(ctx.real))]:
-        ref = ctx.real.features[sp.ref]
-        gen_pr.append(precision_recall(ref, ctx.gen.features[sp.gen]))
-        real_pr.append(precision_recall(ref, ctx.real.features[sp.real]))
+        ref = ctx.real.features[at_most(sp.ref)]
+        gen_pr.append(precision_recall(ref, ctx.gen.features[at_most(sp.gen)]))
+        real_pr.append(precision_recall(ref, ctx.real.features[at_most(sp.real)]))
     g, r = np.mean(gen_pr, axis=0), np.mean(real_pr, axis=0)
     return {"precision": float(g[0]), "recall": float(g[1]), "precision_real": float(r[0]),
             "recall_real": float(r[1])}
@@ -301,6 +318,25 @@ def label_accuracies(ctx: EvalContext) -> dict[str, float | None]:
     return {"label_accuracy": label_accuracy(ctx.gen.probs, ctx.requested)}
 
 
+@register_metric
+def mode_coverage(ctx: EvalContext) -> dict[str, float | None]:
+    """Modes hit and KL to uniform of the read digit triples, beside a real held-out sample of the same size (all
+    of it at the protocol's 26,000; drawn with replacement only when more images are scored than it holds)."""
+    from gan_ray.eval.modes import modes_and_kl
+
+    if ctx.gen.digits is None or ctx.real.digits is None:
+        return {k: None for k in ("modes", "modes_real", "mode_kl", "mode_kl_real", "reader_confidence",
+                                  "reader_confidence_real")}
+    n, n_real = len(ctx.gen), len(ctx.real)
+    rng = np.random.default_rng([ctx.seed, 0x40DE])
+    idx = rng.permutation(n_real)[:n] if n <= n_real else rng.integers(0, n_real, size=n)
+    modes, kl = modes_and_kl(ctx.gen.digits)
+    modes_real, kl_real = modes_and_kl(ctx.real.digits[idx])
+    return {"modes": modes, "modes_real": modes_real, "mode_kl": kl, "mode_kl_real": kl_real,
+            "reader_confidence": float(ctx.gen.confidence.mean()),
+            "reader_confidence_real": float(ctx.real.confidence[idx].mean())}
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 @dataclass
 class Reference:
@@ -328,16 +364,15 @@ def reference_for(dataset: str, *, data_dir: str = DEFAULT_DATA_DIR, image_size:
                   extractor=None, log=lambda msg: None) -> Reference:
     """The extractor (trained and cached on first use) and the embedded held-out set of a dataset."""
     from gan_ray.core.data import load_dataset
-    from gan_ray.eval.features import cache_root, extractor_for
+    from gan_ray.eval.features import cache_root, load_extractor
 
     key = (dataset, str(Path(data_dir).expanduser()), image_size, str(cache_root(cache_dir)), str(device),
            extractor.key if extractor is not None else None)
     if key in _REFERENCES:
         return _REFERENCES[key]
-    heldout = load_dataset(dataset, "heldout", data_dir=data_dir, image_size=image_size)
     if extractor is None:
-        train = load_dataset(dataset, "train", data_dir=data_dir, image_size=image_size)
-        extractor = extractor_for(train, heldout, cache_dir=cache_dir, log=log)
+        extractor = load_extractor(dataset, data_dir=data_dir, image_size=image_size, cache_dir=cache_dir, log=log)
+    heldout = load_dataset(dataset, "heldout", data_dir=data_dir, image_size=image_size)
     ref = reference_from(extractor.to(device), heldout.images, dataset,
                          heldout.labels if heldout.num_classes else None)
     _REFERENCES[key] = ref
@@ -346,9 +381,16 @@ def reference_for(dataset: str, *, data_dir: str = DEFAULT_DATA_DIR, image_size:
 
 def reference_from(extractor, heldout_images: torch.Tensor, dataset: str,
                    heldout_labels: torch.Tensor | None = None) -> Reference:
-    features, probs = extractor.embed(heldout_images)
     labels = heldout_labels.cpu().numpy().astype(np.int64) if heldout_labels is not None else None
-    return Reference(extractor, Embedded(features, probs, labels), dataset)
+    return Reference(extractor, embedded(extractor, heldout_images, labels), dataset)
+
+
+def embedded(extractor, images: torch.Tensor, labels: np.ndarray | None = None) -> Embedded:
+    """Images in an extractor's feature space; a channel reader also reads each channel's digit (same pass)."""
+    if extractor.kind == "channels":
+        features, digits, confidence = extractor.read(images)
+        return Embedded(features, None, labels, digits, confidence)
+    return Embedded(*extractor.embed(images), labels)
 
 
 def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
@@ -396,7 +438,7 @@ def evaluate(images: torch.Tensor, reference: Reference, *, labels: torch.Tensor
             requested = None  # no classifier to read them with
         elif requested.min() < 0 or requested.max() >= ex.num_classes:
             raise UserError(f"labels must lie in 0..{ex.num_classes - 1}")
-    gen = Embedded(*ex.embed(images))
+    gen = embedded(ex, images)
     shares = np.asarray(ex.meta["class_shares"]) if "class_shares" in ex.meta else None
     ctx = EvalContext(gen, reference.real, make_splits(len(reference.real), n, seed), requested, shares, seed)
     values: dict[str, Any] = {k: None for k in METRIC_KEYS}

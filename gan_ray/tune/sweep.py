@@ -137,7 +137,7 @@ def prepare(space: SearchSpace, settings: SweepSettings) -> tuple[dict[str, Any]
     """Everything that can be checked without Ray: the space, the dataset, a sweep directory being resumed.
     Returns the fixed values of every trial and the config they make with the space's first values."""
     base = base_train_values(space, settings)
-    check_values(SearchSpace({**space.fixed, **{k: v for k, v in base.items()}}, space.dims))
+    check_values(SearchSpace({**space.fixed, **{k: v for k, v in base.items()}}, space.dims, space.tied))
     base_cfg = resolve_dataset(TrainConfig.from_mapping(base))
     base["image_size"] = base_cfg.image_size  # a prepared dataset's own
     describe_dataset(base_cfg)
@@ -177,7 +177,8 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
                                                 "settings": settings.model_dump(), "concurrency": concurrency},
                                                indent=2, sort_keys=True) + "\n").encode())
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=base, scheduler=settings.scheduler, experiment=str(exp)),
+        tune.with_parameters(train_trial, base=base, scheduler=settings.scheduler, experiment=str(exp),
+                             tied=space.tied),
         tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}]))
     resuming = tune.Tuner.can_restore(str(exp))
     print(f"[tune] {'resuming' if resuming else 'starting'} sweep {exp}: {settings.trials} trials x "

@@ -22,6 +22,7 @@ from gan_ray.core.errors import UserError
 from gan_ray.core.run_dir import check_compatible, prepare_run_dir
 from gan_ray.train.driver import trainer_for
 from gan_ray.tune.placement import PG_FILE, PlacementGroupRecorder, run_index
+from gan_ray.tune.space import SearchSpace
 
 LINEAGE_FILE = "lineage.jsonl"  # per trial: each Train run it started, why, and whose state it was seeded from
 TRIAL_DIR = "trial_{trial_id}"
@@ -37,9 +38,10 @@ def fd_hooks(cfg: TrainConfig) -> list:
     return hooks
 
 
-def trial_config(base: dict[str, Any], draw: dict[str, Any], trial_dir: Path, run_name: str) -> TrainConfig:
-    values = {**base, **{k: TrainConfig.parse_value(k, v) for k, v in draw.items()}, "storage": str(trial_dir), "name": run_name}
-    return TrainConfig.from_mapping(values)
+def trial_config(base: dict[str, Any], draw: dict[str, Any], trial_dir: Path, run_name: str,
+                 tied: dict[str, str] | None = None) -> TrainConfig:
+    values = SearchSpace(base, {}, dict(tied or {})).values(draw)
+    return TrainConfig.from_mapping({**values, "storage": str(trial_dir), "name": run_name})
 
 
 class CheckpointBridge(UserCallback):
@@ -84,7 +86,8 @@ def _next_run_name(trial_dir: Path, seeded: bool) -> str:
     return f"train-{len(runs)}"
 
 
-def train_trial(config: dict[str, Any], *, base: dict[str, Any], scheduler: str, experiment: str) -> None:
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], scheduler: str, experiment: str,
+                tied: dict[str, str] | None = None) -> None:
     """One Tune trial: build its TrainConfig, launch its TorchTrainer, forward the reports to Tune."""
     from ray import tune
 
@@ -96,7 +99,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], scheduler: str,
     trial_dir.mkdir(parents=True, exist_ok=True)
     restored = tune.get_checkpoint() if scheduler == "pbt" else None
     run_name = _next_run_name(trial_dir, seeded=restored is not None)
-    cfg = trial_config(base, config, trial_dir, run_name)
+    cfg = trial_config(base, config, trial_dir, run_name, tied)
     seed_dir = None
     if restored is not None:
         seed_dir = trial_dir / f"{run_name}-seed"
