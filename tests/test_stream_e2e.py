@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
@@ -19,7 +16,7 @@ from gan_ray.core.run_dir import finished_epochs, read_metrics
 from gan_ray.train.driver import fit
 from gan_ray.train.prepare import PrepareSettings, prepare
 from tests.conftest import run_cli, wait_for
-from tests.test_train_ray import _train_worker_pids
+from tests.test_train_ray import fit_then_kill_a_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -150,16 +147,8 @@ def test_a_bucket_that_refuses_the_caller_is_one_line_before_ray(tmp_path):
 def test_a_streamed_run_survives_a_killed_worker_and_resumes(ray_cluster, digits_prepared, tmp_path):
     cfg = stream_config(digits_prepared, tmp_path, "recover", epochs=8, batch_size=16, checkpoint_every=2,
                         max_failures=2)
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg, quality=False, progress=False)))
-    thread.start()
+    thread, outcome, _ = fit_then_kill_a_worker(cfg)  # a real worker process dies mid-stream
     metrics = cfg.run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(r["epoch"] >= 3 for r in read_metrics(metrics)):
-        time.sleep(0.5)
-    pids = _train_worker_pids()
-    assert len(pids) == 2, pids
-    os.kill(pids[1], signal.SIGKILL)  # a real worker process dies mid-stream
     thread.join(timeout=600)
     assert not thread.is_alive() and outcome["result"].error is None
     rows = read_metrics(metrics)
