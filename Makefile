@@ -26,25 +26,19 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/gan-ray demo
 
-# Test files run in parallel, a file's tests in order in one process (pytest-xdist, --dist loadfile): most of a
-# Ray test's time is spent waiting (process start-up, a Train launch, Serve scaling windows), so two processes on
-# two cores finish sooner. TEST_JOBS=0 runs everything in this one process.
-TEST_JOBS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
-
 # The suite a contributor runs before every commit (<= 15 minutes on 2 cores): every claim checked end to end once.
 test: $(TEST_STAMP)
-	$(PYTEST) tests -m "not e2e"
+	$(BIN)/python -m pytest tests -m "not e2e"
 
 # The rest of the end-to-end matrix (variations of what `make test` already checks once); CI runs both.
 test-e2e: $(TEST_STAMP)
-	$(PYTEST) tests -m e2e
+	$(BIN)/python -m pytest tests -m e2e
 
 test-all: test test-e2e
 
 # No Ray, no training runs: a minute or two.
 test-fast: $(TEST_STAMP)
-	$(PYTEST) tests -m "not slow and not e2e"
+	$(BIN)/python -m pytest tests -m "not slow and not e2e"
 
 bench: $(STAMP)
 	$(BIN)/gan-ray bench
