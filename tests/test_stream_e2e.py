@@ -1,15 +1,12 @@
 """The rest of the streaming matrix (`make test-e2e`): object storage for real (a moto S3 server on 127.0.0.1,
 started here), a streamed run resumed, a streamed run that loses a worker to SIGKILL, and a Tune trial on a
-streamed dataset. tests/test_stream.py checks the plain case in `make test`."""
+streamed dataset, a bucket that refuses the caller. tests/test_stream.py checks the plain case in `make test`."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
@@ -19,7 +16,7 @@ from gan_ray.core.run_dir import finished_epochs, read_metrics
 from gan_ray.train.driver import fit
 from gan_ray.train.prepare import PrepareSettings, prepare
 from tests.conftest import run_cli, wait_for
-from tests.test_train_ray import _train_worker_pids
+from tests.test_train_ray import fit_then_kill_a_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -106,36 +103,65 @@ def test_prepare_into_and_train_from_s3(s3_server, tmp_path):
     assert r.returncode == 2 and "cannot read the prepared dataset at s3://gan-data/digits" in r.stderr, r.stderr
 
 
+def test_a_bucket_that_refuses_the_caller_is_one_line_before_ray(tmp_path):
+    """Access denied for real: a moto server that enforces IAM once its bucket and one user exist. That user has
+    no policy, so S3 refuses it everything (403 AccessDenied); prepare into and train from the bucket are one
+    line each, exit 2, with no Ray started."""
+    pytest.importorskip("moto")
+    import boto3
+    import socket
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})  # the three set-up calls below
+
+    def listening() -> bool:  # a TCP connect, not a request: requests count towards the three
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(listening, 60, "the moto S3 server")
+        admin = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="admin",
+                     aws_secret_access_key="admin")
+        boto3.client("s3", **admin).create_bucket(Bucket="locked")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="nobody")
+        key = iam.create_access_key(UserName="nobody")["AccessKey"]
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        for argv, doing in ((("prepare", "digits", "--out", "s3://locked/digits"), "s3://locked/digits"),
+                            (("train", "--dataset", "s3://locked/digits"), "s3://locked/digits")):
+            r = run_cli(*argv, env=env, timeout=300)
+            assert r.returncode == 2 and "access denied" in r.stderr and doing in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+            assert "Started a local Ray instance" not in r.stdout + r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # ------------------------------------------------------------------------------------ resume, a lost worker
-def test_a_streamed_run_resumes(ray_cluster, digits_prepared, tmp_path):
-    cfg = stream_config(digits_prepared, tmp_path, "resume", epochs=2)
-    assert fit(cfg, quality=False, progress=False).error is None
-    fit(stream_config(digits_prepared, tmp_path, "resume", epochs=3), quality=False, progress=False)
-    rows = read_metrics(cfg.run_dir / "metrics.jsonl")
-    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["restored_from"] == 2
-    assert all(r["rank_steps"] == [23, 23] for r in rows) and rows[2]["step"] == 3 * 23
-
-
-def test_a_streamed_run_survives_a_killed_worker(ray_cluster, digits_prepared, tmp_path):
-    cfg = stream_config(digits_prepared, tmp_path, "recover", epochs=8, batch_size=16, checkpoint_every=2,
+def test_a_streamed_run_survives_a_killed_worker_and_resumes(ray_cluster, digits_prepared, tmp_path):
+    cfg = stream_config(digits_prepared, tmp_path, "recover", epochs=5, batch_size=16, checkpoint_every=2,
                         max_failures=2)
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg, quality=False, progress=False)))
-    thread.start()
+    thread, outcome, _ = fit_then_kill_a_worker(cfg)  # a real worker process dies mid-stream
     metrics = cfg.run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(r["epoch"] >= 3 for r in read_metrics(metrics)):
-        time.sleep(0.5)
-    pids = _train_worker_pids()
-    assert len(pids) == 2, pids
-    os.kill(pids[1], signal.SIGKILL)  # a real worker process dies mid-stream
     thread.join(timeout=600)
     assert not thread.is_alive() and outcome["result"].error is None
     rows = read_metrics(metrics)
-    assert [r["epoch"] for r in rows] == list(range(1, 9))
+    assert [r["epoch"] for r in rows] == list(range(1, 6))
     assert any("restored_from" in r for r in rows), "the run was restored from a checkpoint"
     assert all(r["rank_steps"] == [47, 47] for r in rows)  # the new worker group streams equal shares too
-    assert finished_epochs(cfg.run_dir) == 8
+    assert finished_epochs(cfg.run_dir) == 5
+
+    # and the finished run resumes from its last checkpoint when asked for more epochs (a new split, same shares)
+    assert fit(cfg.replace(epochs=6), quality=False, progress=False).error is None
+    rows = read_metrics(metrics)
+    assert [r["epoch"] for r in rows] == list(range(1, 7)) and rows[-1]["restored_from"] == 5
+    assert rows[-1]["rank_steps"] == [47, 47] and rows[-1]["step"] == 6 * 47
 
 
 # ------------------------------------------------------------------------------------------------- Tune

@@ -99,18 +99,26 @@ def _train_worker_pids() -> list[int]:
     return [a.pid for a in actors if a.pid]
 
 
-def test_a_killed_worker_is_replaced_and_training_continues(ray_cluster, storage):
-    cfg = small_config(storage, "recover", epochs=10, checkpoint_every=2, batch_size=16, max_failures=2)
+def fit_then_kill_a_worker(cfg: TrainConfig, after_epoch: int = 3, wait_s: float = 300):
+    """Start `fit(cfg)` in a thread, SIGKILL one of its two real worker processes once epoch `after_epoch` is
+    reported; returns the thread, the dict its result lands in (`result`) and the killed pid."""
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg, quality=False, progress=False)))
     thread.start()
     metrics = cfg.run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(r["epoch"] >= 3 for r in read_metrics(metrics)):
+    deadline = time.time() + wait_s
+    while time.time() < deadline and not any(r["epoch"] >= after_epoch for r in read_metrics(metrics)):
         time.sleep(0.5)
     pids = _train_worker_pids()
     assert len(pids) == 2, pids
     os.kill(pids[1], signal.SIGKILL)  # a real worker process dies mid-run
+    return thread, outcome, pids[1]
+
+
+def test_a_killed_worker_is_replaced_and_training_continues(ray_cluster, storage):
+    cfg = small_config(storage, "recover", epochs=10, checkpoint_every=2, batch_size=16, max_failures=2)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    thread, outcome, killed = fit_then_kill_a_worker(cfg, wait_s=240)
     replaced: list[int] = []
 
     def training_again_on_two_workers() -> bool:  # after the restore, while the run still goes on
@@ -120,7 +128,7 @@ def test_a_killed_worker_is_replaced_and_training_continues(ray_cluster, storage
         return len(replaced) == 2 or not thread.is_alive()
 
     wait_for(training_again_on_two_workers, 300, "training to go on after the restore")
-    assert len(replaced) == 2 and pids[1] not in replaced, (pids, replaced)  # a new process took the dead one's place
+    assert len(replaced) == 2 and killed not in replaced, (killed, replaced)  # a new process took the dead one's place
     thread.join(timeout=400)
     assert not thread.is_alive()
     assert outcome["result"].error is None

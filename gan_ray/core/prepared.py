@@ -81,7 +81,8 @@ def storage_error(location: str, exc: BaseException, doing: str) -> UserError:
     """One line for a filesystem failure: a bucket that does not exist, access denied, an unreachable endpoint."""
     text = one_line(str(exc))
     low = text.lower()
-    if "access denied" in low or "accessdenied" in low or "forbidden" in low or "403" in low:
+    squashed = low.replace("_", "").replace(" ", "")  # AccessDenied, ACCESS_DENIED (pyarrow), access denied
+    if "accessdenied" in squashed or "forbidden" in low or "403" in low or "invalidaccesskeyid" in squashed:
         why = "access denied (check the credentials in the environment: AWS_* / GOOGLE_APPLICATION_CREDENTIALS, " \
               "a profile, IRSA or Workload Identity)"
     elif "nosuchbucket" in low or "bucket does not exist" in low or "no such bucket" in low:

@@ -28,6 +28,30 @@ DATA_CPUS = 1.0  # logical CPUs a streaming run keeps free beyond its workers' f
 PREFETCH_BATCHES = 4  # batches decoded ahead of the step, per worker
 SHUFFLE_BUFFER_BYTES = 64 * 2**20  # each worker's local shuffle buffer (rows, bounded by bytes)
 SHUFFLE_BUFFER_MAX_ROWS = 20_000
+MMAP_THRESHOLD_BYTES = 256 * 2**10  # batch buffers above this get their own mappings (see bound_heap)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def bound_heap() -> bool:
+    """Keep a streaming worker's private memory flat through an epoch; True where it applied (glibc).
+
+    Each batch allocates a few MB (the decoded uint8 images, then floats) in the iterator's prefetch threads and
+    frees them a step later. glibc raises its mmap threshold to the size of the largest block freed (up to 32 MB),
+    so after the first batch these buffers come from the threads' heap arenas instead, where a buffer still in use
+    near an arena's top keeps every freed one below it from going back to the OS. Measured on this machine: one
+    streamed epoch of 64x64 RGB batches of 256 grew a worker's RssAnon by ~200 MB per 10,000 images and let go
+    only when the iterator ended; with the threshold fixed it stays flat. A fixed threshold also turns off the
+    dynamic adjustment (mallopt(3)); the cost is a mmap/munmap pair per batch buffer, small beside a step.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and libc.gnu_get_libc_version and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator, its behaviour
+        return False
 
 
 def train_dataset(cfg: TrainConfig):
@@ -40,8 +64,9 @@ def train_dataset(cfg: TrainConfig):
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines (plans, timings) and notices
     ctx.enable_progress_bars = False  # the run prints one line per epoch; Ray Data's bars would interleave
     ctx.print_on_execution_start = False  # nor a plan per epoch from the split coordinator
-    return ray.data.read_parquet(manifest.files("train"), columns=["image", "label"], partitioning=None,
-                                 shuffle=FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True))
+    return ray.data.read_parquet(manifest.files("train"), partitioning=None,
+                                 shuffle=FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True)
+                                 ).select_columns(["image", "label"])  # pushed down into the read (Ray 2.60)
 
 
 def shuffle_buffer_rows(manifest_image_bytes: int, batch_size: int) -> int:
@@ -73,6 +98,7 @@ class StreamedShard:
 
     def __init__(self, shard, shape: tuple[int, int, int], image_bytes: int, batch_size: int, seed: int):
         self.shard, self.shape, self.batch_size, self.seed = shard, shape, batch_size, seed
+        bound_heap()
         self.buffer_rows = shuffle_buffer_rows(image_bytes, batch_size)
         self.collate = _collate_class()(shape)
 
