@@ -73,11 +73,13 @@ class BatchStats:
         from ray.serve.metrics import Histogram
 
         self.batches = self.requests = self.largest = 0
+        self.alone = 0  # of the batches, requests rendered alone (they skipped Serve's batch queue)
         self.histogram = Histogram("gan_ray_batch_size", description="requests merged into one generator forward",
                                    boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
 
-    def add(self, size: int) -> None:
+    def add(self, size: int, alone: bool = False) -> None:
         self.batches += 1
+        self.alone += alone
         self.requests += size
         self.largest = max(self.largest, size)
         self.histogram.observe(size)
@@ -85,6 +87,7 @@ class BatchStats:
     def summary(self) -> dict[str, Any]:
         return {"replica": serve.get_replica_context().replica_tag,
                 "batches": self.batches, "requests": self.requests, "largest_batch": self.largest,
+                "alone": self.alone,
                 "mean_batch": round(self.requests / self.batches, 3) if self.batches else None}
 
 
@@ -155,9 +158,9 @@ class GeneratorServer:
         # that arrive meanwhile simply form the next batch.
         return self._render(jobs)
 
-    def _render(self, jobs: list[Job]) -> list[Rendered]:
+    def _render(self, jobs: list[Job], alone: bool = False) -> list[Rendered]:
         """Render jobs together, counted as one batch (a request that skipped the queue is a batch of one)."""
-        self.batching.add(len(jobs))
+        self.batching.add(len(jobs), alone)
         return self.renderer.render(jobs)
 
     @api.post(f"/{API_VERSION}/generate", **GENERATE_ROUTE)
@@ -171,7 +174,7 @@ class GeneratorServer:
         try:
             await asyncio.sleep(0)
             if self.in_generate == 1:
-                return response(self._render([job])[0])
+                return response(self._render([job], alone=True)[0])
             return response(await self.render_batch(job))
         finally:
             self.in_generate -= 1
