@@ -127,7 +127,7 @@ EDITS = {
     "two channels": ({"image_shape": [2, 8, 4]}, "channels"),
     "zero height": ({"image_shape": [1, 0, 8]}, "positive"),
     "arch list": ({"arch": ["mlp"]}, "arch must be a string"),
-    "unknown arch": ({"arch": "resnet"}, "unknown --arch"),
+    "unknown arch": ({"arch": "vit"}, "unknown --arch"),
     "latent float": ({"latent_dim": 8.9}, "latent_dim"),
     "latent bool": ({"latent_dim": True}, "latent_dim"),
     "classes negative": ({"num_classes": -1}, "num_classes"),

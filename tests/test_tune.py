@@ -65,7 +65,7 @@ def test_space_file(tmp_path):
     ("latent_dim", "8.5:64", "must be integers"),
     ("latent_dim", "32,,64", "empty value"),
     ("latent_dim", "0,64", "positive integer"),
-    ("arch", "mlp,resnet", "unknown --arch"),
+    ("arch", "mlp,vit", "unknown --arch"),
     ("epochs", "1,2", "cannot be searched"),
 ])
 def test_bad_values(flag, text, message):

@@ -88,7 +88,8 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str = DEFAULT_DAT
     if name == "stacked-mnist":
         from gan_ray.core import stacked_mnist
 
-        return stacked_mnist.load(split, data_dir)
+        images, labels = stacked_mnist.load(split, data_dir)
+        return ImageDataset(images, labels, stacked_mnist.NUM_CLASSES, name)
     return _torchvision(name, split, Path(data_dir).expanduser())
 
 

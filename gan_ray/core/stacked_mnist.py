@@ -81,17 +81,16 @@ def cached_indices(root: Path, split: str, pool: int) -> np.ndarray:
     return index
 
 
-def load(split: str, data_dir: str | Path):
-    """The `train` or `heldout` split as an ImageDataset: uint8 [N, 3, 28, 28], labels 100 r + 10 g + b."""
-    from gan_ray.core.data import ImageDataset
-
+def load(split: str, data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `train` or `heldout` split: images uint8 [N, 3, 28, 28] and labels 100 r + 10 g + b (int64 [N]).
+    `gan_ray.core.data` wraps them as a dataset (this module stays below it: no import back)."""
     root = Path(data_dir).expanduser()
     images, labels = _mnist(root, train=split == "train")
     index = torch.from_numpy(cached_indices(root, split, len(images)))
     stacked = images[index]  # [N, 3, 28, 28]: channel c is MNIST digit index[:, c]
     digits = labels[index]  # [N, 3]
     label = (digits * torch.tensor([100, 10, 1])).sum(1)
-    return ImageDataset(stacked.contiguous(), label.to(torch.int64), NUM_CLASSES, "stacked-mnist")
+    return stacked.contiguous(), label.to(torch.int64)
 
 
 def triple_digits(labels: torch.Tensor | np.ndarray) -> np.ndarray:
