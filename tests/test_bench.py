@@ -129,3 +129,25 @@ def test_serving_load_counts_requests_by_completion_without_bias():
     assert stats["errors"] == 0
     assert 38 <= stats["requests"] <= 42, stats
     assert 195 <= stats["p50_ms"] <= 260, stats
+
+
+@pytest.mark.slow
+def test_scale_benchmark_times_each_arch_and_side_beside_its_all_reduce(capsys):
+    """benchmarks/bench_scale.py, smallest real run: one row per (arch, side) the arch supports (dcgan has no
+    128), each timed in its own process, with the all-reduce volume that is G's and D's parameters in float32."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_scale
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert bench_scale.main(["--arch", "resnet,dcgan", "--sides", "32,128", "--batch-size", "2", "--steps", "4",
+                             "--width", "16", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["arch"], r["side"]) for r in rows] == [("resnet", 32), ("resnet", 128), ("dcgan", 32)]
+    for r in rows:
+        assert r["step_s"] > 0 and r["images_per_s"] == pytest.approx(2 / r["step_s"])
+        assert r["allreduce_mb"] == pytest.approx((r["params_g"] + r["params_d"]) * 4 / 2 ** 20)
+        assert r["allreduce_s"] > 0 and r["comm_to_compute"] == pytest.approx(r["allreduce_s"] / r["step_s"])
+        assert r["peak_mb"] > r["step_mb"] >= 0
+    resnet32, resnet128 = rows[0], rows[1]
+    assert resnet128["params_g"] > resnet32["params_g"]  # more stages at 128 px

@@ -28,13 +28,13 @@ statistics, style modulation, noise inputs or progressive growing. The choices h
 - **Class conditioning** by embedding: G concatenates a label embedding to z; D projects its features onto a label
   embedding (a projection discriminator, as R3GAN). An AC-GAN class head (`--aux-weight`) reads the same features.
 
-At the edges, the [0, 1] images of this project meet R3GAN's [-1, 1]: D maps its input to [-1, 1] first (2x - 1),
-so `--r1-gamma` is with respect to [0, 1] pixels (the paper's gamma on [-1, 1] images is a quarter of the value
-here), and G's output is linear, as R3GAN's, then shifted to [0, 1] (0.5 + 0.5 y). A sigmoid there, as the other
-generators here have, fails without their BatchNorm: on MNIST's mostly-black pixels G drove its logits negative
-until the sigmoid saturated and its gradient vanished (all-black samples within 50 steps, measured). So D trains
-on the raw output, and G clamps to [0, 1] only when sampled (eval mode: the EMA generator, grids, evaluation,
-export, serving), where every consumer expects that range.
+At the edges, the [0, 1] images of this project meet R3GAN's [-1, 1]: D maps its input to [-1, 1] first (2x - 1), so
+`--r1-gamma` is with respect to [0, 1] pixels (D's gradient there is twice that on [-1, 1], its square four times:
+the paper's gamma on [-1, 1] images is four times the value here), and G's output is linear, as R3GAN's, then
+shifted to [0, 1] (0.5 + 0.5 y). A sigmoid there, as the other generators here have, fails without their BatchNorm:
+on MNIST's mostly-black pixels G drove its logits negative until the sigmoid saturated and its gradient vanished
+(all-black samples within 50 steps, measured). So D trains on the raw output, and G clamps to [0, 1] only when
+sampled (eval mode: the EMA generator, grids, evaluation, export, serving), where every consumer expects that range.
 
 Sizes: 28 pixels (a 7x7 basis, two upsamplings) and every power of two from 32 to 256 (a 4x4 basis).
 `--g-width`/`--d-width` W (a multiple of 8; default 32) are the channels at full resolution, doubled at every
@@ -194,15 +194,21 @@ class DiscriminatorStage(nn.Module):
         return self.channels(self.resample(self.blocks(x)))
 
 
+def network_plan(spec, width: int, flag: str) -> tuple[int, int, list[int], int]:
+    """(image channels, basis side, channels per resolution from the basis up, residual blocks in the network) of
+    a network for `spec`'s square images; a UserError for shapes and widths it cannot be built for."""
+    c, h, w = spec.image_shape
+    if h != w:
+        raise UserError(f"--arch resnet needs square images, got {h}x{w}")
+    base, _ = stage_plan(h)
+    widths = stage_widths(h, check_width(width, flag))
+    return c, base, widths, BLOCKS_PER_STAGE * len(widths)
+
+
 class ResNetGenerator(nn.Module):
     def __init__(self, spec, width: int = 0):
         super().__init__()
-        c, h, w = spec.image_shape
-        if h != w:
-            raise UserError(f"--arch resnet needs square images, got {h}x{w}")
-        base, _ = stage_plan(h)
-        widths = stage_widths(h, check_width(width, "--g-width"))
-        total = BLOCKS_PER_STAGE * len(widths)
+        c, base, widths, total = network_plan(spec, width, "--g-width")
         self.base = base
         self.embed = None
         in_dim = spec.latent_dim
@@ -231,12 +237,8 @@ class ResNetGenerator(nn.Module):
 class ResNetDiscriminator(nn.Module):
     def __init__(self, spec, width: int = 0):
         super().__init__()
-        c, h, w = spec.image_shape
-        if h != w:
-            raise UserError(f"--arch resnet needs square images, got {h}x{w}")
-        base, _ = stage_plan(h)
-        widths = stage_widths(h, check_width(width, "--d-width"))[::-1]  # full resolution first
-        total = BLOCKS_PER_STAGE * len(widths)
+        c, base, widths, total = network_plan(spec, width, "--d-width")
+        widths = widths[::-1]  # full resolution first
         self.from_image = conv(c, widths[0])
         self.stages = nn.Sequential(*(DiscriminatorStage(a, b, BLOCKS_PER_STAGE, total)
                                       for a, b in zip(widths, widths[1:])))
