@@ -188,3 +188,21 @@ def test_each_rank_sees_a_distinct_shard_every_epoch():
     e1 = shard_order(n, epoch=1, rank=0, world_size=world, seed=0)
     e2 = shard_order(n, epoch=2, rank=0, world_size=world, seed=0)
     assert not torch.equal(e1, e2), "a new order each epoch"
+
+
+def test_a_long_epoch_prints_progress_lines_and_a_short_one_none(monkeypatch):
+    """ProgressLine: nothing before its interval (short epochs stay quiet), then the step, the share, the rate and
+    the time left, from the clock alone."""
+    from gan_ray.core import epoch as epoch_module
+
+    clock = iter([0.0, 10.0, 31.0, 45.0, 62.0, 120.0, 240.0])
+    monkeypatch.setattr(epoch_module.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    progress = epoch_module.ProgressLine(2, 4, steps=1000, images_per_step=64, interval_s=30, write=lines.append)
+    for done in (100, 310, 450, 620):  # at 10 s (too soon), 31 s, 45 s (14 s after the last line), 62 s
+        progress(done)
+    assert lines == ["epoch 2/4: step 310/1000 (31%), 640 img/s, about 1 min left in the epoch",
+                     "epoch 2/4: step 620/1000 (62%), 640 img/s, under a minute left"]
+    streamed = epoch_module.ProgressLine(1, 1, steps=None, images_per_step=64, interval_s=30, write=lines.append)
+    streamed(600)  # 120 s after its start: a stream's step count is not known ahead
+    assert lines[-1] == "epoch 1/1: step 600, 320 img/s"

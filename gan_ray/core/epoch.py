@@ -37,20 +37,48 @@ def steps_per_epoch(n_images: int, world_size: int, batch_size: int) -> int:
 
 
 StepFn = Callable[..., dict]  # (state, real, labels) -> detached scalar tensors, like train_step
+Progress = Callable[[int], None]  # called after every step with the steps done so far in the epoch
+
+
+class ProgressLine:
+    """A line at most every `interval_s` while an epoch runs, so that a long epoch (minutes for a ResNet on CPUs)
+    shows it is moving: "epoch 2/4: step 300/937 (32%), 177 img/s, about 3 min left in the epoch". Short epochs
+    print nothing (the first line waits `interval_s`). Host-side counts only: it never syncs the device."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int | None, images_per_step: int, interval_s: float = 30.0,
+                 write: Callable[[str], None] = lambda line: print(line, flush=True)):
+        self.epoch, self.epochs, self.steps, self.images_per_step = epoch, epochs, steps, images_per_step
+        self.interval_s, self.write = interval_s, write
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.interval_s or done == 0:
+            return
+        self.last = now
+        rate = done / (now - self.t0)  # steps per second, all ranks in step
+        line = f"epoch {self.epoch}/{self.epochs}: step {done}"
+        if self.steps:
+            left_min = (self.steps - done) / rate / 60
+            line += f"/{self.steps} ({100 * done / self.steps:.0f}%)"
+        line += f", {rate * self.images_per_step:.0f} img/s"
+        if self.steps:
+            line += f", about {left_min:.0f} min left in the epoch" if left_min >= 1 else ", under a minute left"
+        self.write(line)
 
 
 def run_epoch(state: GANState, data: ImageDataset, *, epoch: int, rank: int, world_size: int, batch_size: int,
-              seed: int, step_fn: StepFn = train_step) -> EpochResult:
+              seed: int, step_fn: StepFn = train_step, progress: Progress | None = None) -> EpochResult:
     """Train over this rank's shard of one epoch. `data` may live on CPU or on the training device (then no host
     copy happens per step: batches are gathered on the device)."""
     order = shard_order(len(data), epoch=epoch, rank=rank, world_size=world_size, seed=seed, device=data.images.device)
     n_steps = len(order) // batch_size
     batches = (data.batch(order[i * batch_size:(i + 1) * batch_size]) for i in range(n_steps))
-    return run_batches(state, batches, batch_size=batch_size, step_fn=step_fn)
+    return run_batches(state, batches, batch_size=batch_size, step_fn=step_fn, progress=progress)
 
 
 def run_batches(state: GANState, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, batch_size: int,
-                step_fn: StepFn = train_step) -> EpochResult:
+                step_fn: StepFn = train_step, progress: Progress | None = None) -> EpochResult:
     """Train on every (float images, labels) batch of an epoch: gathered from memory (`run_epoch`) or streamed by
     Ray Data (gan_ray.train.ingest, which guarantees every rank the same number of batches)."""
     device = next(state.D.parameters()).device
@@ -72,6 +100,8 @@ def run_batches(state: GANState, batches: Iterable[tuple[torch.Tensor, torch.Ten
             reg_steps += 1
             sums[4] += out.get("r1", 0.0)
             sums[5] += out.get("r2", 0.0)
+        if progress is not None:
+            progress(n_steps)
     vals = sums.tolist()  # the one host sync of the epoch
     seconds = time.perf_counter() - t0
     d = max(n_steps, 1)

@@ -18,7 +18,7 @@ import torch
 from gan_ray.core import checkpoint as ckpt_io
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import check_batch_fits, load_dataset
-from gan_ray.core.epoch import run_batches, run_epoch
+from gan_ray.core.epoch import ProgressLine, run_batches, run_epoch, steps_per_epoch
 from gan_ray.core.fast_step import make_step_fn
 from gan_ray.core.health import CollapseWatch
 from gan_ray.core.fast_step import resolve_for as resolve_fast_path
@@ -235,11 +235,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.time()
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
+        progress = ProgressLine(epoch, cfg.epochs, None if stream is not None else
+                                steps_per_epoch(len(data), world, cfg.batch_size),
+                                cfg.batch_size * world) if rank == 0 else None
         if stream is not None:
-            res = run_batches(state, stream.epoch(epoch, rank), batch_size=cfg.batch_size, step_fn=step_fn)
+            res = run_batches(state, stream.epoch(epoch, rank), batch_size=cfg.batch_size, step_fn=step_fn,
+                              progress=progress)
         else:
             res = run_epoch(state, data, epoch=epoch, rank=rank, world_size=world, batch_size=cfg.batch_size,
-                            seed=cfg.seed, step_fn=step_fn)
+                            seed=cfg.seed, step_fn=step_fn, progress=progress)
         metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "images_seen": state.images_seen,
                                    **_all_reduce_epoch(res, world, device)}
         if stream is not None:  # each rank's steps: equal by construction (streaming_split(equal=True), full batches)
