@@ -47,6 +47,11 @@ bench dcgan64 150 --arch dcgan --image-size 64 --batch-size 512
 rm -f "$OUT"/.bench_*.jsonl
 python3 benchmarks/gpu_summary.py "$OUT/bench.jsonl" | tee -a "$OUT/summary.txt"
 
+# What a step costs per image size on the GPU (docs/benchmarks.md's table gets its GPU rows from this).
+stamp "bench_scale (resnet 32..256, dcgan 32/64; batch 64)"
+timeout 150 python3 benchmarks/bench_scale.py --device cuda --batch-size 64 --steps 8 > "$OUT/bench_scale.txt" 2>&1
+stamp "bench_scale exited $?"; tail -8 "$OUT/bench_scale.txt" | tee -a "$OUT/summary.txt"
+
 # --- correctness on the GPU: graph vs eager, bf16/dcgan graphs, checkpoints, compile + graph --------------------
 stamp "pytest tests/test_fast_path.py (CUDA tests included)"
 timeout 170 python3 -m pytest tests/test_fast_path.py -q -rs -p no:cacheprovider --timeout 150 -s > "$OUT/pytest.txt" 2>&1
