@@ -85,11 +85,18 @@ def _child(conn, *args) -> None:
 
 
 def in_fresh_process(*args) -> dict[str, Any]:
+    """`measure_step(*args)` in a spawned process; a child that dies without answering (killed for memory, say)
+    is an error row, not a parent waiting forever."""
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
+    parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(child, *args))
     p.start()
-    out = parent.recv()
+    child.close()  # the child holds the only writing end now: its death ends recv() with EOFError
+    try:
+        out = parent.recv()
+    except EOFError:
+        p.join()
+        return {"error": f"the measuring process ended (exit code {p.exitcode}) before answering"}
     p.join()
     return out
 
@@ -123,12 +130,18 @@ def allreduce_seconds(sizes: list[int], repeats: int = 5) -> dict[int, float]:
     from gan_ray.cluster.processes import free_port
 
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
+    parent, child = ctx.Pipe(duplex=False)
     port = free_port()
     procs = [ctx.Process(target=_allreduce_worker, args=(r, port, sizes, repeats, child)) for r in range(2)]
     for p in procs:
         p.start()
-    out = parent.recv()
+    child.close()  # as in_fresh_process: a rank that dies ends recv() instead of hanging it
+    try:
+        out = parent.recv()
+    except EOFError:
+        for p in procs:
+            p.kill()
+        raise RuntimeError("an all-reduce process ended before answering") from None
     for p in procs:
         p.join()
     return out
