@@ -6,6 +6,7 @@ the plumbing.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import subprocess
@@ -138,8 +139,7 @@ def test_scale_benchmark_times_each_arch_and_side_beside_its_all_reduce(capsys):
     128), each timed in its own process, with the all-reduce volume that is G's and D's parameters in float32."""
     sys.path.insert(0, str(ROOT / "benchmarks"))  # also for the spawned measuring processes, which import it
     try:
-        import bench_scale
-
+        bench_scale = importlib.import_module("bench_scale")  # a script beside the package, not a distribution
         assert bench_scale.main(["--arch", "resnet,dcgan", "--sides", "32,128", "--batch-size", "2", "--steps", "4",
                                  "--width", "16", "--json"]) == 0
     finally:
