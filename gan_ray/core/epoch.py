@@ -6,6 +6,7 @@ the same code. Metrics are accumulated on the device and synchronised once per e
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -40,15 +41,22 @@ StepFn = Callable[..., dict]  # (state, real, labels) -> detached scalar tensors
 Progress = Callable[[int], None]  # called after every step with the steps done so far in the epoch
 
 
+def _stdout_line(line: str) -> None:
+    """One line on stdout, written to the stream rather than print()ed: Ray Train's workers patch print() to log
+    through Train's logger as well as to the stream, and a printed line reached the console twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class ProgressLine:
     """A line at most every `interval_s` while an epoch runs, so that a long epoch (minutes for a ResNet on CPUs)
     shows it is moving: "epoch 2/4: step 300/937 (32%), 177 img/s, about 3 min left in the epoch". Short epochs
     print nothing (the first line waits `interval_s`). Host-side counts only: it never syncs the device."""
 
     def __init__(self, epoch: int, epochs: int, steps: int | None, images_per_step: int, interval_s: float = 30.0,
-                 write: Callable[[str], None] = lambda line: print(line, flush=True)):
+                 write: Callable[[str], None] | None = None):
         self.epoch, self.epochs, self.steps, self.images_per_step = epoch, epochs, steps, images_per_step
-        self.interval_s, self.write = interval_s, write
+        self.interval_s, self.write = interval_s, write or _stdout_line
         self.t0 = self.last = time.perf_counter()
 
     def __call__(self, done: int) -> None:
