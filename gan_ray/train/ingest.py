@@ -10,48 +10,28 @@ What a Ray Train user expects from Ray Data ingest, chosen here:
   shuffle buffer of bounded size, not a global shuffle (that would move the whole dataset through the object store
   every epoch);
 - the read tasks run as Ray tasks beside the workers (1 CPU each, so a run needs a CPU beyond its workers' for
-  them); turning a batch's cells into a uint8 tensor, then floats, happens in the worker's prefetch threads
-  (`iter_torch_batches(prefetch_batches=...)`), overlapping the step.
+  them); fetching, shuffling and slicing the next batches happens in the worker's prefetch threads
+  (`iter_batches(prefetch_batches=...)`), overlapping the step, and the batch becomes float tensors in the
+  training thread (`to_tensors`: why there).
 """
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from gan_ray.core.config import TrainConfig
-from gan_ray.core.prepared import Manifest, choose_mode, human_bytes, is_prepared, read_manifest
+from gan_ray.core.prepared import Manifest, choose_mode, decode, human_bytes, is_prepared, read_manifest
 
 DATA_CPUS = 1.0  # logical CPUs a streaming run keeps free beyond its workers' for Ray Data's read tasks
-PREFETCH_BATCHES = 4  # batches decoded ahead of the step, per worker
+PREFETCH_BATCHES = 4  # batches fetched ahead of the step, per worker
 SHUFFLE_BUFFER_BYTES = 64 * 2**20  # each worker's local shuffle buffer (rows, bounded by bytes)
 SHUFFLE_BUFFER_MAX_ROWS = 20_000
-MMAP_THRESHOLD_BYTES = 256 * 2**10  # batch buffers above this get their own mappings (see bound_heap)
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-
-
-def bound_heap() -> bool:
-    """Keep a streaming worker's private memory flat through an epoch; True where it applied (glibc).
-
-    Each batch allocates a few MB (the decoded uint8 images, then floats) in the iterator's prefetch threads and
-    frees them a step later. glibc raises its mmap threshold to the size of the largest block freed (up to 32 MB),
-    so after the first batch these buffers come from the threads' heap arenas instead, where a buffer still in use
-    near an arena's top keeps every freed one below it from going back to the OS. Measured on this machine: one
-    streamed epoch of 64x64 RGB batches of 256 grew a worker's RssAnon by ~200 MB per 10,000 images and let go
-    only when the iterator ended; with the threshold fixed it stays flat. A fixed threshold also turns off the
-    dynamic adjustment (mallopt(3)); the cost is a mmap/munmap pair per batch buffer, small beside a step.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc and libc.gnu_get_libc_version and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator, its behaviour
-        return False
+LOOKAHEAD_BYTES = 64 * 2**20  # Arrow batches read ahead per worker, across the epoch boundary (see StreamedShard)
 
 
 def train_dataset(cfg: TrainConfig):
@@ -73,40 +53,97 @@ def shuffle_buffer_rows(manifest_image_bytes: int, batch_size: int) -> int:
     return max(batch_size, min(SHUFFLE_BUFFER_MAX_ROWS, SHUFFLE_BUFFER_BYTES // max(1, manifest_image_bytes)))
 
 
-def _collate_class():
-    from ray.data.collate_fn import ArrowBatchCollateFn
+def to_tensors(batch, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An Arrow batch of (image, label) rows as (float images [B, C, H, W] in [0, 1], int64 labels [B]).
 
-    from gan_ray.core.prepared import decode
+    Called in the training thread, not in the iterator's prefetch threads (a `collate_fn` would run there): the
+    Arrow batch itself (fetched, shuffled and sliced ahead of the step) lives in Arrow's own allocator, and only
+    these two tensors come from glibc's malloc. Allocated in the prefetch threads, they came from those threads'
+    heap arenas, where one buffer still in use near an arena's top keeps every freed one below it from going back
+    to the OS: a worker's RssAnon climbed ~200 MB per 10,000 64x64 RGB images through every epoch. Forcing them
+    into mmaps instead (a fixed M_MMAP_THRESHOLD) kept memory flat but sent every large allocation of the step
+    itself (activations, gradients) through mmap and page faults too: 0.60x the in-memory path's images/s on MNIST.
+    Here, in the thread that allocates and frees the step's own tensors, memory stays flat at full speed (both
+    measured: docs/datasets.md). The conversion is one pass over the batch, small beside a step.
+    """
+    images = torch.from_numpy(decode(batch.column("image"), shape).astype(np.float32)).div_(255.0)
+    labels = torch.from_numpy(np.asarray(batch.column("label"), dtype=np.int64).copy())
+    return images, labels
 
-    class ImageBatch(ArrowBatchCollateFn):
-        """An Arrow batch of (image, label) rows to (float images [B, C, H, W] in [0, 1], int64 labels [B]);
-        runs in the iterator's prefetch threads, so it overlaps the step."""
 
-        def __init__(self, shape: tuple[int, int, int]):
-            self.shape = shape
+class Lookahead:
+    """A queue bounded by bytes, not items: as many batches ahead as fit in the budget, so small images run far
+    ahead (a whole epoch's share of MNIST) and large ones a few batches, for the same memory."""
 
-        def __call__(self, batch):
-            images = torch.from_numpy(decode(batch.column("image"), self.shape).copy())
-            labels = torch.from_numpy(np.asarray(batch.column("label"), dtype=np.int64).copy())
-            return images.float().div_(255.0), labels
+    def __init__(self, budget_bytes: int):
+        self.budget, self.bytes = budget_bytes, 0
+        self.items: deque = deque()
+        self.cond = threading.Condition()
 
-    return ImageBatch
+    def put(self, item, nbytes: int) -> None:
+        with self.cond:  # one item always fits, however large: a batch over the budget must still pass
+            self.cond.wait_for(lambda: not self.items or self.bytes + nbytes <= self.budget)
+            self.items.append((item, nbytes))
+            self.bytes += nbytes
+            self.cond.notify_all()
+
+    def get(self):
+        with self.cond:
+            self.cond.wait_for(lambda: bool(self.items))
+            item, nbytes = self.items.popleft()
+            self.bytes -= nbytes
+            self.cond.notify_all()
+            return item
 
 
 class StreamedShard:
-    """This worker's share of a streamed prepared dataset: one iterator of batches per epoch."""
+    """This worker's share of a streamed prepared dataset: one iterator of batches per epoch, read ahead across the
+    epoch boundary.
 
-    def __init__(self, shard, shape: tuple[int, int, int], image_bytes: int, batch_size: int, seed: int):
+    Each epoch is a new execution of the read, and its first batch took 5 s to arrive on 2 loaded cores (the split
+    coordinator's new execution, the read tasks' start, a whole file read before its first block): a sixth of an
+    MNIST epoch spent waiting, the whole gap between streaming and the in-memory path. One thread here iterates
+    the epochs back to back into a `Lookahead`, so the next epoch's execution starts while this one's last
+    batches train (both ranks reach it together: their shares are equal). Only the epochs the run will train are
+    started: an execution begun and abandoned would hold the coordinator's epoch barrier.
+    """
+
+    def __init__(self, shard, shape: tuple[int, int, int], image_bytes: int, batch_size: int, seed: int, *,
+                 rank: int, last_epoch: int):
         self.shard, self.shape, self.batch_size, self.seed = shard, shape, batch_size, seed
-        bound_heap()
+        self.rank, self.last_epoch = rank, last_epoch
         self.buffer_rows = shuffle_buffer_rows(image_bytes, batch_size)
-        self.collate = _collate_class()(shape)
+        self.ahead = Lookahead(LOOKAHEAD_BYTES)
+        self.reader: threading.Thread | None = None
 
-    def epoch(self, epoch: int, rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=True, collate_fn=self.collate, device="cpu",
-            prefetch_batches=PREFETCH_BATCHES, local_shuffle_buffer_size=self.buffer_rows,
-            local_shuffle_seed=(self.seed * 1_000_003 + epoch * 1_009 + rank) % (2**31 - 1)))
+    def _batches(self, epoch: int):
+        return self.shard.iter_batches(
+            batch_size=self.batch_size, drop_last=True, batch_format="pyarrow", prefetch_batches=PREFETCH_BATCHES,
+            local_shuffle_buffer_size=self.buffer_rows,
+            local_shuffle_seed=(self.seed * 1_000_003 + epoch * 1_009 + self.rank) % (2**31 - 1))
+
+    def _read(self, first: int) -> None:
+        try:
+            for epoch in range(first, self.last_epoch + 1):
+                for batch in self._batches(epoch):
+                    self.ahead.put((epoch, batch), batch.nbytes)
+                self.ahead.put((epoch, None), 0)  # the epoch's end
+        except BaseException as exc:  # raised again in the training thread, where it is handled
+            self.ahead.put((None, exc), 0)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.reader is None:  # the first epoch this worker trains (1, or the one after a restored checkpoint)
+            self.reader = threading.Thread(target=self._read, args=(epoch,), name="gan-ray-lookahead", daemon=True)
+            self.reader.start()
+        while True:
+            tag, batch = self.ahead.get()
+            if isinstance(batch, BaseException):
+                raise batch
+            if tag != epoch:
+                raise RuntimeError(f"streamed epoch {tag} arrived while training epoch {epoch}")
+            if batch is None:
+                return
+            yield to_tensors(batch, self.shape)
 
 
 def stream_info(cfg: TrainConfig) -> dict:

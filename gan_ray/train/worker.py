@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         info = config["stream"]
         stream = StreamedShard(ray.train.get_dataset_shard("train"), tuple(info["shape"]), info["image_bytes"],
-                               cfg.batch_size, cfg.seed)
+                               cfg.batch_size, cfg.seed, rank=rank, last_epoch=cfg.epochs)
         spec = spec_for(cfg, tuple(info["shape"]), info["num_classes"])
     else:
         data = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, image_size=cfg.image_size)
@@ -239,7 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 steps_per_epoch(len(data), world, cfg.batch_size),
                                 cfg.batch_size * world) if rank == 0 else None
         if stream is not None:
-            res = run_batches(state, stream.epoch(epoch, rank), batch_size=cfg.batch_size, step_fn=step_fn,
+            res = run_batches(state, stream.epoch(epoch), batch_size=cfg.batch_size, step_fn=step_fn,
                               progress=progress)
         else:
             res = run_epoch(state, data, epoch=epoch, rank=rank, world_size=world, batch_size=cfg.batch_size,
