@@ -91,7 +91,7 @@ def test_demo_stops_during_its_sweep(tmp_path):
 
 @e2e
 def test_bench_stops_inside_its_ray_train_run():
-    cmd = Command("bench", "--steps", "600", "--repeats", "3", "--threads", "1")
+    cmd = Command("bench", "--steps", "300", "--repeats", "2", "--threads", "1")
     try:
         import time
 

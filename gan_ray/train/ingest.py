@@ -58,13 +58,13 @@ def to_tensors(batch, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.
 
     Called in the training thread, not in the iterator's prefetch threads (a `collate_fn` would run there): the
     Arrow batch itself (fetched, shuffled and sliced ahead of the step) lives in Arrow's own allocator, and only
-    these two tensors come from glibc's malloc. Allocated in the prefetch threads, they came from those threads'
-    heap arenas, where one buffer still in use near an arena's top keeps every freed one below it from going back
-    to the OS: a worker's RssAnon climbed ~200 MB per 10,000 64x64 RGB images through every epoch. Forcing them
-    into mmaps instead (a fixed M_MMAP_THRESHOLD) kept memory flat but sent every large allocation of the step
-    itself (activations, gradients) through mmap and page faults too: 0.60x the in-memory path's images/s on MNIST.
-    Here, in the thread that allocates and frees the step's own tensors, memory stays flat at full speed (both
-    measured: docs/datasets.md). The conversion is one pass over the batch, small beside a step.
+    these two tensors come from glibc's malloc, in the thread that allocates and frees the step's own tensors.
+    Allocated in the prefetch threads, they came from those threads' heap arenas, where one buffer still in use
+    near an arena's top keeps every freed one below it from going back to the OS (a worker's RssAnon climbed ~200
+    MB per 10,000 64x64 RGB images). Forcing them into mmaps instead (a fixed M_MMAP_THRESHOLD, for the whole
+    process) sent every large allocation of the step itself through mmap and page faults too: 0.60x the
+    in-memory path's speed on MNIST. Measured, both ways: docs/datasets.md. The conversion is one pass over the
+    batch, small beside a step.
     """
     images = torch.from_numpy(decode(batch.column("image"), shape).astype(np.float32)).div_(255.0)
     labels = torch.from_numpy(np.asarray(batch.column("label"), dtype=np.int64).copy())
