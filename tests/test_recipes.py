@@ -24,7 +24,8 @@ CONFIGS = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
 def test_every_recipe_is_a_valid_config_headed_by_its_measurements():
-    assert {p.name for p in CONFIGS} >= {"mnist.yaml", "mnist-seed.yaml", "mnist-rpgan.yaml", "digits.yaml", "stacked-mnist.yaml"}
+    assert {p.name for p in CONFIGS} >= {"mnist.yaml", "mnist-seed.yaml", "mnist-rpgan.yaml", "digits.yaml",
+                                         "stacked-mnist.yaml"}
     for path in CONFIGS:
         cfg = resolve(load_yaml(path), {}, source=str(path))
         assert path.stem == cfg.dataset or path.stem.startswith(f"{cfg.dataset}-"), f"{path.name}: {cfg.dataset}"
@@ -35,7 +36,8 @@ def test_every_recipe_is_a_valid_config_headed_by_its_measurements():
 def test_a_recipe_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_yaml("digits") == load_yaml(RECIPES_DIR / "digits.yaml")
-    with pytest.raises(UserError, match="nor a recipe of that name: digits, mnist, mnist-rpgan, mnist-seed, stacked-mnist"):
+    with pytest.raises(UserError,
+                       match="nor a recipe of that name: digits, mnist, mnist-rpgan, mnist-seed, stacked-mnist"):
         load_yaml("no-such-recipe")
 
 
