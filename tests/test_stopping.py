@@ -13,7 +13,7 @@ import re
 import pytest
 
 from gan_ray.cluster.processes import command_line
-from tests.conftest import Command, cli, run_cli
+from tests.conftest import Command, cli
 
 pytestmark = pytest.mark.slow
 e2e = pytest.mark.e2e
@@ -48,9 +48,10 @@ def test_train_stops_keeping_its_checkpoint_and_resumes(tmp_path, ray_cluster):
 
 
 @e2e
-def test_tune_stops_with_its_sweep_saved_and_resumes_to_completion(tmp_path):
+def test_tune_stops_with_its_sweep_saved_and_resumes_to_completion(tmp_path, ray_cluster):
     """Stopped in its first trial's first epochs, the sweep is saved; the same command run again finishes it: every
-    trial terminated, the stopped one continued from its checkpoint, a best model exported."""
+    trial terminated, the stopped one continued from its checkpoint, a best model exported. (The resume runs on the
+    session's cluster, in this process: it is the sweep's directory that resumes, wherever it runs.)"""
     args = ["tune", "--trials", "2", "--epochs", "4", "--max-concurrent", "1", "--scheduler", "none",
             "--storage", str(tmp_path), "--name", "s", "--batch-size", "32", "--sample-every", "0",
             "--eval-samples", "256", "--export", str(tmp_path / "best")]
@@ -62,7 +63,7 @@ def test_tune_stops_with_its_sweep_saved_and_resumes_to_completion(tmp_path):
         cmd.kill()
     assert "re-run the same command to resume" in stop_line(cmd, "tune")
     assert (tmp_path / "s" / "sweep.json").exists() and not (tmp_path / "best").exists()
-    r = run_cli(*args, timeout=600)
+    r = cli(*args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[tune] resuming sweep" in r.stdout
     import csv
