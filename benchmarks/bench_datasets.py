@@ -198,7 +198,7 @@ def part_prepare(args, work: Path) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="memory,speed,prepare")
-    p.add_argument("--n", type=int, default=25_000, help="memory: images of the smaller synthetic set (and 4x)")
+    p.add_argument("--n", type=int, default=50_000, help="memory: images of the smaller synthetic set (and 4x)")
     p.add_argument("--mem-batch", type=int, default=256)
     p.add_argument("--mnist", default="../shared/data/mnist", help="a folder holding MNIST's four .gz files")
     p.add_argument("--speed-epochs", type=int, default=2)
