@@ -165,3 +165,34 @@ def _listen_address(port: int) -> str:
         if fields[3] == "0A" and int(p, 16) == port:
             return ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
     return "?"
+
+
+def test_a_sigterm_a_finished_command_took_still_prints_its_line(monkeypatch):
+    """Tune's Ctrl-C handler only asks the sweep to stop. A SIGTERM it took once the sweep had finished let the
+    command run to its end and exit 143 with no line at all. In-process: the signal arrives while a command runs
+    under such a handler, and the command still finishes its work."""
+    import os
+    import signal
+    import time
+
+    import gan_ray.cli.export as export_command
+    from gan_ray.cli.flags import Stopping
+
+    def finishes_all_the_same(args) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here, in this (the main) thread
+        print("work done")
+        return 0
+
+    monkeypatch.setattr(export_command, "run", finishes_all_the_same)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # asks for a stop and returns, as Tune's does
+    try:
+        r = cli("export", "--checkpoint", "x", "--out", "y")
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        Stopping.cause, Stopping.by_sigterm = "Ctrl-C", False
+    assert r.returncode == 143 and "work done" in r.stdout, r
+    assert r.stderr.strip().splitlines() == [
+        "gan-ray export: stopped (SIGTERM): the signal came after its work was done; nothing was left unfinished"]

@@ -144,6 +144,7 @@ class Stopping:
 
     cause = "Ctrl-C"
     by_sigterm = False
+    reported = False  # the stop line was printed
 
     @classmethod
     def install(cls) -> None:
@@ -167,5 +168,6 @@ class Stopping:
 
 def stopped(command: str, what: str) -> int:
     """Print the one line that says what an interrupted command stopped; the exit code for it."""
+    Stopping.reported = True
     print(f"gan-ray {command}: stopped ({Stopping.cause}): {what}", file=sys.stderr, flush=True)
     return 143 if Stopping.by_sigterm else 130

@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = f"gan-ray {command}".rstrip()
     parser = build_parser()
     Stopping.install()
+    Stopping.reported = False
     try:
         args = parser.parse_args(argv)
         code = int(args.func(args) or 0)
@@ -49,4 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not connected_before:
             shutdown_cluster()
+    if Stopping.by_sigterm and code != 2 and not Stopping.reported:
+        # The signal was taken by a handler that only asks for a stop (Tune's, once the sweep had finished), and
+        # the command ran to its end: still one line, so that a stop never ends silently.
+        stopped(command or "", "the signal came after its work was done; nothing was left unfinished")
     return 143 if Stopping.by_sigterm and code != 2 else code
