@@ -176,7 +176,6 @@ def test_a_sigterm_a_finished_command_took_still_prints_its_line(monkeypatch):
     import time
 
     import gan_ray.cli.export as export_command
-    from gan_ray.cli.flags import Stopping
 
     def finishes_all_the_same(args) -> int:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -192,7 +191,6 @@ def test_a_sigterm_a_finished_command_took_still_prints_its_line(monkeypatch):
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
-        Stopping.cause, Stopping.by_sigterm = "Ctrl-C", False
     assert r.returncode == 143 and "work done" in r.stdout, r
     assert r.stderr.strip().splitlines() == [
         "gan-ray export: stopped (SIGTERM): the signal came after its work was done; nothing was left unfinished"]

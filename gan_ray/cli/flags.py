@@ -148,6 +148,8 @@ class Stopping:
 
     @classmethod
     def install(cls) -> None:
+        """Start of a command: no stop yet (in-process callers run several commands), and SIGTERM handled."""
+        cls.cause, cls.by_sigterm, cls.reported = "Ctrl-C", False, False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, cls._on_sigterm)
 

@@ -38,7 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = f"gan-ray {command}".rstrip()
     parser = build_parser()
     Stopping.install()
-    Stopping.reported = False
     try:
         args = parser.parse_args(argv)
         code = int(args.func(args) or 0)
