@@ -96,6 +96,31 @@ def test_progress_skips_a_line_it_cannot_read(tmp_path):
     assert len(lines) == 1 and lines[0].lstrip().startswith("epoch   1/3")
 
 
+def _checkpoint_dir(run, epoch: int):
+    d = run / f"checkpoint_2026-12-05_00-00-{epoch:02d}.000000"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"epoch": epoch}))
+    (d / "state.pt").write_bytes(b"")
+    return d
+
+
+def test_a_run_continues_from_the_checkpoint_ray_registered_not_from_a_newer_directory(tmp_path):
+    """A worker uploads its checkpoint before Ray Train's controller registers it; a run stopped in between keeps a
+    complete directory Ray will not resume from. The stop line and `train`'s "nothing to do" must name the epoch the
+    resume really continues from (this raced in `test_train_stops_keeping_its_checkpoint_and_resumes`)."""
+    from gan_ray.core.run_dir import RAY_SNAPSHOT, finished_epochs, latest_checkpoint, select
+
+    run = tmp_path / "run"
+    two, four = _checkpoint_dir(run, 2), _checkpoint_dir(run, 4)
+    assert finished_epochs(run) == 0  # no list yet: Ray starts from scratch, whatever directories are there
+    assert latest_checkpoint(run) == four  # a run directory copied without Ray's list still exports
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": two.name}]}))
+    assert finished_epochs(run) == 2 and latest_checkpoint(run) == two and select(run)[0] == two
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": n.name}
+                                                                       for n in (two, four)]}))
+    assert finished_epochs(run) == 4 and latest_checkpoint(run) == four
+
+
 def test_sample_grids_use_eval_mode_and_leave_batchnorm_alone():
     """--no-ema samples from G itself, which trains in train mode: a grid must neither use batch statistics nor
     move BatchNorm's running statistics (rank 0 alone would drift from the other ranks)."""

@@ -77,11 +77,33 @@ def format_progress(row: dict, total_epochs: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+# Ray Train's list of the checkpoints it registered (written by its controller after each report).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def registered_checkpoints(run_dir: str | Path) -> set[str] | None:
+    """Names of the checkpoint directories Ray Train registered for the run; None when it kept no list (a run
+    directory copied without it) or the list cannot be read.
+
+    A worker uploads its checkpoint before the controller registers it. A run stopped (or killed) in between leaves
+    a complete directory that Ray will not resume from, so what a resume will use is Ray's list, not the directory
+    listing."""
+    try:
+        snapshot = json.loads((Path(run_dir).expanduser() / RAY_SNAPSHOT).read_text())
+        return {str(r["checkpoint_dir_name"]) for r in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def checkpoints(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(directory, config.json contents) of every readable checkpoint of a run, oldest epoch first."""
+    """(directory, config.json contents) of every readable checkpoint of a run that a resume would know about (Ray
+    Train's registered ones, `registered_checkpoints`), oldest epoch first."""
     found = []
+    registered = registered_checkpoints(run_dir)
     for meta_file in Path(run_dir).expanduser().glob("checkpoint_*/" + CONFIG_FILE):
         if not (meta_file.parent / STATE_FILE).is_file():
+            continue
+        if registered is not None and meta_file.parent.name not in registered:
             continue
         try:
             meta = json.loads(meta_file.read_text())
@@ -99,7 +121,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def finished_epochs(run_dir: str | Path) -> int:
-    """Epochs covered by the run's newest checkpoint (0 when there is none)."""
+    """Epochs a resume continues from: those of the newest checkpoint Ray Train registered. 0 when it registered
+    none: Ray starts a run without its list from scratch, whatever directories are there."""
+    if registered_checkpoints(run_dir) is None:
+        return 0
     found = checkpoints(run_dir)
     return int(found[-1][1]["epoch"]) if found else 0
 
