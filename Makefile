@@ -9,16 +9,19 @@ TEST_STAMP := $(VENV)/.installed-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q uv==0.13.9
 
 # Installs go through constraints.txt: the exact versions the tests ran with, so a new release of a dependency
-# cannot change a first run behind the tests' back.
+# cannot change a first run behind the tests' back. uv installs them (about 55 s on 2 cores where pip takes about
+# 2 min), from the sources pip is configured with (tools/uv_sources.py), compiling the bytecode as pip would.
+UV_INSTALL = $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python $(shell $(BIN)/python tools/uv_sources.py)
+
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/pip install -q -c constraints.txt -e .
+	$(UV_INSTALL) -c constraints.txt -e .
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(UV_INSTALL) -c constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(STAMP)
