@@ -101,8 +101,11 @@ def test_a_training_config_adopts_the_prepared_image_size_or_refuses_a_mismatch(
         resolve_dataset(TrainConfig(dataset=str(tmp_path / "ds"), image_size=28))
     with pytest.raises(UserError, match="--data-mode stream reads a prepared dataset"):
         TrainConfig(dataset="mnist", data_mode="stream")
-    with pytest.raises(UserError, match="a run directory lives on a file system"):
-        TrainConfig(storage="s3://bucket/runs")
+    assert TrainConfig(storage="s3://bucket/runs/", name="x").run_dir == "s3://bucket/runs/x"  # a run may live there
+    from gan_ray.tune.space import SweepSettings
+
+    with pytest.raises(UserError, match="a sweep's trials share files .* on a file system"):
+        SweepSettings(storage="s3://bucket/runs")  # a sweep may not
     with pytest.raises(UserError, match="unknown --dataset 'imagenet'"):
         TrainConfig(dataset="imagenet")
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow.fs as pafs
 import pytest
 
 from gan_ray.cluster.processes import free_port
@@ -37,8 +38,6 @@ def stream_config(dataset: str, storage, name: str, **over) -> TrainConfig:
 # ------------------------------------------------------------------------------------------- object storage
 def bucket_admin(url: str):
     """The test's own client of the server (explicit settings: it creates the bucket the product then finds)."""
-    import pyarrow.fs as pafs
-
     return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
                              endpoint_override=url.removeprefix("http://"), allow_bucket_creation=True)
 
@@ -78,24 +77,53 @@ def test_prepare_into_and_train_from_s3(s3_server, tmp_path):
     r = run_cli("prepare", "digits", "--out", "s3://gan-data/digits", "--shard-mb", "0.25", env=s3_server)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1,527 train + 270 held out" in r.stdout
-    import pyarrow.fs as pafs
 
     keys = sorted(i.path for i in bucket_admin(s3_server["AWS_ENDPOINT_URL"]).get_file_info(
         pafs.FileSelector("gan-data/digits", recursive=True)) if i.type == pafs.FileType.File)
     assert "gan-data/digits/manifest.json" in keys and sum("/train/part-" in k for k in keys) == 5
     assert not any(".gan-ray-prepare" in k for k in keys)
 
-    storage = tmp_path / "runs"
-    r = run_cli("train", "--dataset", "s3://gan-data/digits", "--data-mode", "stream", "--workers", "1",
-                "--epochs", "1", "--batch-size", "64", "--eval-samples", "300", "--storage", str(storage),
-                "--name", "from-s3", env=s3_server)
+    # the run directory in the bucket too: Ray Train's checkpoints, and gan-ray's metrics, grids and TensorBoard
+    train = ["train", "--dataset", "s3://gan-data/digits", "--data-mode", "stream", "--workers", "1",
+             "--batch-size", "64", "--eval-samples", "300", "--sample-every", "1", "--storage", "s3://gan-data/runs",
+             "--name", "from-s3"]
+    r = run_cli(*train, "--epochs", "1", env=s3_server)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_metrics(storage / "from-s3" / "metrics.jsonl")
+    assert "epoch   1/1" in r.stdout, r.stdout[-2000:]  # the driver followed metrics.jsonl in the bucket
+    admin = bucket_admin(s3_server["AWS_ENDPOINT_URL"])
+
+    def run_files() -> dict[str, bytes]:
+        infos = admin.get_file_info(pafs.FileSelector("gan-data/runs/from-s3", recursive=True))
+        return {i.path.removeprefix("gan-data/runs/from-s3/"): admin.open_input_stream(i.path).read()
+                for i in infos if i.type == pafs.FileType.File}
+
+    def rows_of(files: dict[str, bytes]) -> list[dict]:
+        return [json.loads(line) for line in files["metrics.jsonl"].decode().splitlines()]
+
+    files = run_files()
+    rows = rows_of(files)
     assert rows[0]["rank_steps"] == [1527 // 64] and "fd" in rows[0]
+    assert {"config.json", "checkpoint_manager_snapshot.json", "samples/epoch_0001.png"} <= set(files), sorted(files)
+    assert any(k.startswith("checkpoint_") and k.endswith("/state.pt") for k in files), sorted(files)
+    assert any(k.startswith("tensorboard/events.out.tfevents") for k in files), sorted(files)
+    # it resumes from the bucket, and exports from it
+    r = run_cli(*train, "--epochs", "2", env=s3_server)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = rows_of(run_files())
+    assert [row["epoch"] for row in rows] == [1, 2] and rows[1]["restored_from"] == 1, rows
+    r = run_cli("export", "--checkpoint", "s3://gan-data/runs/from-s3", "--out", str(tmp_path / "model"),
+                env=s3_server)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert model["epoch"] == 2 and model["source"]["run"] == "s3://gan-data/runs/from-s3", model["source"]
 
     # bad object-store input: one line, exit 2, before any Ray work
     r = run_cli("prepare", "digits", "--out", "s3://no-such-bucket/digits", env=s3_server)
     assert r.returncode == 2 and "no such bucket" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("train", "--storage", "s3://no-such-bucket/runs", env=s3_server)
+    assert r.returncode == 2 and "no such bucket" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("tune", "--storage", "s3://gan-data/sweeps", env=s3_server)
+    assert r.returncode == 2 and "a sweep's trials share files" in r.stderr, r.stderr
     r = run_cli("train", "--dataset", "s3://gan-data/nothing-here", env=s3_server)
     assert r.returncode == 2 and "no manifest.json there" in r.stderr, r.stderr
     closed = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
@@ -133,7 +161,8 @@ def test_a_bucket_that_refuses_the_caller_is_one_line_before_ray(tmp_path):
                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
         for argv, doing in ((("prepare", "digits", "--out", "s3://locked/digits"), "s3://locked/digits"),
-                            (("train", "--dataset", "s3://locked/digits"), "s3://locked/digits")):
+                            (("train", "--dataset", "s3://locked/digits"), "s3://locked/digits"),
+                            (("train", "--storage", "s3://locked/runs"), "s3://locked/runs")):
             r = run_cli(*argv, env=env, timeout=300)
             assert r.returncode == 2 and "access denied" in r.stderr and doing in r.stderr, r.stderr
             assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr

@@ -67,7 +67,7 @@ def build(args: argparse.Namespace, sargs: ServeArgs) -> int:
     --wait-for-model, one that the replicas will wait for)."""
     import yaml
 
-    from gan_ray.core.images import write_atomic
+    from gan_ray.core.locations import write_bytes
     from gan_ray.core.model_dir import load_generator
     from gan_ray.serve.deployment import deploy_config
 
@@ -75,7 +75,7 @@ def build(args: argparse.Namespace, sargs: ServeArgs) -> int:
         load_generator(args.model)  # a missing or corrupt model fails here, not on the cluster
     text = yaml.safe_dump(deploy_config(sargs, host=args.host, port=args.port), sort_keys=False)
     if args.out:
-        write_atomic(Path(args.out), text.encode())
+        write_bytes(Path(args.out), text.encode())
         print(f"wrote {args.out}: deploy with `serve deploy {args.out}` (the model path must exist on every "
               "node that runs a replica)")
     else:

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 def report(cfg: TrainConfig, result) -> int:
     """What `gan-ray train` prints when a run ends."""
+    from gan_ray.core.locations import join
     from gan_ray.core.run_dir import METRICS_FILE, latest_checkpoint, stop_reason
 
     run_dir = cfg.run_dir
@@ -54,8 +55,8 @@ def report(cfg: TrainConfig, result) -> int:
     stopped = stop_reason(run_dir) if result is not None else None
     ckpt = latest_checkpoint(run_dir)
     print(f"run directory: {run_dir}")
-    print(f"  metrics:     {run_dir / METRICS_FILE}")
-    print(f"  samples:     {run_dir / 'samples'}")
+    print(f"  metrics:     {join(run_dir, METRICS_FILE)}")
+    print(f"  samples:     {join(run_dir, 'samples')}")
     print(f"  checkpoint:  {ckpt if ckpt else '(none)'}")
     if ckpt:
         print(f"export it:     gan-ray export --checkpoint {run_dir} --out {Path('models') / cfg.name}"

@@ -8,7 +8,6 @@ YAML, Tune).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -131,7 +130,8 @@ class TrainConfig(Settings):
     cpus_per_worker: float = _opt(1.0, "CPUs reserved per worker", gt=0)
     max_failures: int = _opt(2, "worker failures tolerated; each restarts from the last checkpoint", ge=0)
     # outputs
-    storage: str = _opt("./runs", "root directory of runs")
+    storage: str = _opt("./runs", "root directory of runs: a path (a shared mount on a cluster) or an object-store "
+                                  "URI (s3://bucket/runs)")
     name: RunName = _opt("gan", "run name; re-using it resumes the run")
     checkpoint_every: int = _opt(5, "epochs between checkpoints (one is always written at the end)", ge=1)
     keep: int = _opt(3, "checkpoints kept", ge=1)
@@ -156,9 +156,6 @@ class TrainConfig(Settings):
                              "them off: R1 is on by default, --r1-gamma 0)")
         if self.aux_weight and not self.conditional:
             raise ValueError("--aux-weight trains a class head on D: it needs --conditional")
-        if "://" in self.storage:
-            raise ValueError(f"--storage {self.storage}: a run directory lives on a file system (a shared mount on "
-                             "a cluster), not in object storage; datasets may (docs/deploy.md)")
         if self.data_mode == "stream" and (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("folder:")):
             raise ValueError(f"--data-mode stream reads a prepared dataset's shards; prepare {self.dataset} once "
                              "with `gan-ray prepare` and train with --dataset set to its path or URI")
@@ -184,8 +181,11 @@ class TrainConfig(Settings):
         return tuple(out)
 
     @property
-    def run_dir(self) -> Path:
-        """Where this run's checkpoints, metrics and samples live."""
+    def run_dir(self) -> Path | str:
+        """Where this run's checkpoints, metrics and samples live: a Path on a local or shared file system, a URI
+        string in object storage (`--storage s3://bucket/runs`; gan_ray.core.locations reads and writes both)."""
+        if "://" in self.storage:
+            return self.storage.rstrip("/") + "/" + self.name
         return Path(self.storage).expanduser().resolve() / self.name
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,5 +231,3 @@ def resolve(file_values: dict[str, Any] | None, cli_values: dict[str, Any], *, s
     return TrainConfig.from_mapping(merged, source=source)  # type: ignore[return-value]
 
 
-def save_json(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")

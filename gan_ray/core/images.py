@@ -1,4 +1,4 @@
-"""The one image stack: batches of [N, C, H, W] floats in [0, 1] to grids, PNG and NPZ bytes, written atomically.
+"""The one image stack: batches of [N, C, H, W] floats in [0, 1] to grids, PNG and NPZ bytes, saved atomically.
 
 Grids are torchvision's `make_grid`, PNGs Pillow's encoder (zlib level 1); training's sample grids, exported
 `samples.png`, `gan-ray sample` and the HTTP service all go through here, so they draw and encode alike.
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from gan_ray.core.locations import write_bytes
 
 GRID_PAD = 2  # dark pixels between tiles
 GRID_SCALE = 2  # grids are upscaled (nearest) so 28-pixel digits are readable at 100% zoom
@@ -82,14 +84,6 @@ def npz_bytes(images: torch.Tensor, labels: torch.Tensor, **extra: np.ndarray) -
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def text_npz_bytes(images: torch.Tensor, labels: torch.Tensor, text: str) -> bytes:
     """Written lines as arrays: images [n, L, C, H, W], labels [n, L] (-1 for spaces) and the text (a 0-d unicode
     array, readable without pickle)."""
@@ -105,9 +99,9 @@ def save_samples(path: str | Path, images: torch.Tensor, labels: torch.Tensor, *
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
     if suffix == ".npz":
-        write_atomic(p, npz_bytes(images, labels) if text is None else text_npz_bytes(images, labels, text))
+        write_bytes(p, npz_bytes(images, labels) if text is None else text_npz_bytes(images, labels, text))
     elif suffix == ".png":
-        write_atomic(p, grid_png(images, nrow=nrow) if text is None else lines_png(images))
+        write_bytes(p, grid_png(images, nrow=nrow) if text is None else lines_png(images))
     else:
         raise UserError(f"--out must end in .npz or .png, got {p.name!r}")
     return p

@@ -20,6 +20,7 @@ import torch
 
 from gan_ray.core.errors import UserError, one_line
 from gan_ray.core.generator import Generator
+from gan_ray.core.locations import local_copy, uri
 from gan_ray.core.models import ModelSpec, build_generator
 
 MODEL_JSON = "model.json"
@@ -36,7 +37,8 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, extra: dict[str, 
     from gan_ray.core.checkpoint import load_sampler
     from gan_ray.core.images import grid_png
 
-    G, spec, meta = load_sampler(checkpoint_dir)
+    with local_copy(checkpoint_dir) as local:  # a checkpoint in object storage is downloaded first
+        G, spec, meta = load_sampler(local)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a model directory; refusing to overwrite it")
@@ -52,8 +54,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, extra: dict[str, 
         "epoch": meta.get("epoch"),
         "metrics": meta.get("metrics", {}),
         "config": cfg,
-        "source": {"checkpoint": str(Path(checkpoint_dir).expanduser().resolve()),
-                   "run": str(Path(cfg.get("storage", ".")).expanduser().resolve() / cfg.get("name", ""))},
+        "source": {"checkpoint": uri(checkpoint_dir), "run": uri(cfg.get("storage", "."), cfg.get("name", ""))},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }

@@ -26,6 +26,7 @@ import numpy as np
 
 from gan_ray.core.config import BUILTIN_DATASETS
 from gan_ray.core.errors import UserError, one_line
+from gan_ray.core.locations import filesystem, read_bytes, storage_error, uri, write_bytes
 
 FORMAT = "gan-ray-prepared/1"
 MANIFEST = "manifest.json"
@@ -48,72 +49,6 @@ def is_prepared(name: str) -> bool:
 def looks_like_location(name: str) -> bool:
     """A path or URI, as opposed to a misspelt dataset name: `./mnist`, `/data/x`, `~/x`, `s3://b/x`."""
     return "/" in name or name.startswith(("~", "."))
-
-
-# ------------------------------------------------------------------------------------------------ locations
-def filesystem(location: str):
-    """(pyarrow FileSystem, path inside it) for a local path or any URI pyarrow's filesystems take (s3://,
-    gs://, hdfs://, file://). A cloud filesystem is built from the environment's credential chain."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-
-    if "://" not in location:
-        from pathlib import Path
-
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
-    try:
-        fs, path = pafs.FileSystem.from_uri(location)
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        raise UserError(f"cannot open {location}: {one_line(str(exc))}") from None
-    return fs, path.rstrip("/")
-
-
-def uri(location: str, *parts: str) -> str:
-    """`location` joined with `parts` (a URI stays a URI, a local path becomes absolute)."""
-    if "://" in location:
-        return "/".join([location.rstrip("/"), *parts])
-    from pathlib import Path
-
-    return str(Path(location).expanduser().resolve().joinpath(*parts))
-
-
-def storage_error(location: str, exc: BaseException, doing: str) -> UserError:
-    """One line for a filesystem failure: a bucket that does not exist, access denied, an unreachable endpoint."""
-    text = one_line(str(exc))
-    low = text.lower()
-    squashed = low.replace("_", "").replace(" ", "")  # AccessDenied, ACCESS_DENIED (pyarrow), access denied
-    if "accessdenied" in squashed or "forbidden" in low or "403" in low or "invalidaccesskeyid" in squashed:
-        why = "access denied (check the credentials in the environment: AWS_* / GOOGLE_APPLICATION_CREDENTIALS, " \
-              "a profile, IRSA or Workload Identity)"
-    elif "nosuchbucket" in low or "bucket does not exist" in low or "no such bucket" in low:
-        why = "no such bucket"
-    elif "curl" in low or "connect" in low or "resolve" in low or "timed out" in low or "network" in low:
-        why = f"unreachable ({text[:160]})"
-    else:
-        why = text[:200]
-    return UserError(f"cannot {doing} {location}: {why}")
-
-
-def _read_bytes(fs, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def _write_bytes(fs, path: str, data: bytes) -> None:
-    """A whole object at once: on object storage a PUT is atomic; locally, a temporary file renamed."""
-    import pyarrow.fs as pafs
-
-    if isinstance(fs, pafs.LocalFileSystem):
-        import os
-
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return
-    with fs.open_output_stream(path) as f:
-        f.write(data)
 
 
 # ------------------------------------------------------------------------------------------------- manifest
@@ -203,16 +138,15 @@ def read_manifest(location: str) -> Manifest:
                         "`gan-ray prepare` did not finish: the manifest is written last); prepare one with "
                         f"`gan-ray prepare SRC --out {location}`")
     try:
-        text = _read_bytes(fs, f"{root}/{MANIFEST}").decode()
+        text = (read_bytes(uri(location, MANIFEST)) or b"").decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise storage_error(location, exc, "read") from None
     return Manifest.from_json(text, location)
 
 
 def write_manifest(manifest: Manifest) -> None:
-    fs, root = filesystem(manifest.location)
     manifest.created_at = manifest.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _write_bytes(fs, f"{root}/{MANIFEST}", manifest.to_json().encode())
+    write_bytes(uri(manifest.location, MANIFEST), manifest.to_json().encode())
 
 
 # ---------------------------------------------------------------------------------------------------- shards

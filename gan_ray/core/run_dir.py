@@ -2,7 +2,8 @@
 
 Ray Train writes the checkpoint directories (`checkpoint_*`, each a `gan_ray.core.checkpoint`); the worker loop
 appends one metrics row per epoch. Everything here only reads and writes files, so the CLI (`export RUN_DIR`
-without a cluster), the driver and the tests share it.
+without a cluster), the driver and the tests share it. A run directory is a location (gan_ray.core.locations): a
+local path or shared mount (given as a Path), or an object-store URI (`--storage s3://bucket/runs`, a string).
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gan_ray.core import locations
 from gan_ray.core.checkpoint import CONFIG_FILE, STATE_FILE
-from gan_ray.core.config import TrainConfig, save_json
+from gan_ray.core.config import TrainConfig
 from gan_ray.core.errors import UserError
+from gan_ray.core.locations import join
 
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG = "config.json"  # the resolved TrainConfig of the run (each checkpoint holds its own copy too)
@@ -24,9 +27,13 @@ IDENTITY_KEYS = ("dataset", "arch", "conditional", "latent_dim", "image_size")
 # ---------------------------------------------------------------------------------------------- config.json
 def check_compatible(cfg: TrainConfig) -> None:
     """A re-used run directory must hold the same model and data."""
-    saved = cfg.run_dir / RUN_CONFIG
-    if saved.exists():
-        old = json.loads(saved.read_text())
+    locations.check_bucket(cfg.run_dir, "write runs to")
+    try:
+        saved = locations.read_bytes(join(cfg.run_dir, RUN_CONFIG))
+    except OSError as exc:
+        raise locations.storage_error(cfg.run_dir, exc, "read the run at") from None
+    if saved is not None:
+        old = json.loads(saved)
         for key in IDENTITY_KEYS:
             if old.get(key) != getattr(cfg, key):
                 raise UserError(f"run {cfg.run_dir} was trained with {key}={old.get(key)!r}; cannot resume it with "
@@ -35,32 +42,38 @@ def check_compatible(cfg: TrainConfig) -> None:
 
 def prepare_run_dir(cfg: TrainConfig) -> None:
     """Create the run directory and save the resolved config (call after `check_compatible` passed)."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, cfg.run_dir / RUN_CONFIG)
+    text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
+    try:
+        locations.write_bytes(join(cfg.run_dir, RUN_CONFIG), text.encode())
+    except OSError as exc:
+        raise locations.storage_error(cfg.run_dir, exc, "write the run at") from None
 
 
 # -------------------------------------------------------------------------------------------- metrics.jsonl
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl (a path or URI); [] when there is none."""
+    data = locations.read_bytes(path)
+    if data is None:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
 
-def truncate_metrics(path: Path, last_epoch: int) -> None:
+def append_metrics(path: str | Path, row: dict[str, Any]) -> None:
+    """One epoch's row (rank 0 only: one writer)."""
+    locations.append_bytes(path, (json.dumps(row) + "\n").encode())
+
+
+def truncate_metrics(path: str | Path, last_epoch: int) -> None:
     """Drop rows after `last_epoch`: after a failure those epochs are trained again from the checkpoint."""
-    if not path.exists():
-        return
     rows = read_metrics(path)
     kept = [r for r in rows if r.get("epoch", 0) <= last_epoch]
     if len(kept) != len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+        locations.write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
-def stop_reason(run_dir: Path) -> str | None:
+def stop_reason(run_dir: str | Path) -> str | None:
     """Why the run stopped early (--stop-on-collapse), from its last metrics row; None if it did not."""
-    rows = read_metrics(run_dir / METRICS_FILE)
+    rows = read_metrics(join(run_dir, METRICS_FILE))
     return rows[-1].get("stopped") if rows else None
 
 
@@ -89,32 +102,34 @@ def registered_checkpoints(run_dir: str | Path) -> set[str] | None:
     a complete directory that Ray will not resume from, so what a resume will use is Ray's list, not the directory
     listing."""
     try:
-        snapshot = json.loads((Path(run_dir).expanduser() / RAY_SNAPSHOT).read_text())
+        snapshot = json.loads(locations.read_bytes(join(run_dir, RAY_SNAPSHOT)) or b"")
         return {str(r["checkpoint_dir_name"]) for r in snapshot["checkpoint_results"]}
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
-def checkpoints(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+def checkpoints(run_dir: str | Path) -> list[tuple[str | Path, dict[str, Any]]]:
     """(directory, config.json contents) of every readable checkpoint of a run that a resume would know about (Ray
     Train's registered ones, `registered_checkpoints`), oldest epoch first."""
     found = []
     registered = registered_checkpoints(run_dir)
-    for meta_file in Path(run_dir).expanduser().glob("checkpoint_*/" + CONFIG_FILE):
-        if not (meta_file.parent / STATE_FILE).is_file():
+    run_dir = Path(run_dir).expanduser() if isinstance(run_dir, Path) else run_dir
+    for name in sorted(locations.list_dir(run_dir)):
+        if not name.startswith("checkpoint_") or (registered is not None and name not in registered):
             continue
-        if registered is not None and meta_file.parent.name not in registered:
-            continue
+        directory = join(run_dir, name)
         try:
-            meta = json.loads(meta_file.read_text())
+            meta = json.loads(locations.read_bytes(join(directory, CONFIG_FILE)) or b"")
             int(meta.get("epoch", -1))
-        except (ValueError, TypeError, AttributeError, json.JSONDecodeError, OSError):
+            if not locations.exists(join(directory, STATE_FILE)):
+                continue
+        except (ValueError, TypeError, AttributeError, OSError):
             continue
-        found.append((meta_file.parent, meta))
-    return sorted(found, key=lambda item: (int(item[1].get("epoch", -1)), item[0].name))
+        found.append((directory, meta))
+    return sorted(found, key=lambda item: (int(item[1].get("epoch", -1)), str(item[0])))
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path) -> str | Path | None:
     """The newest checkpoint directory of a run (by epoch), or None."""
     found = checkpoints(run_dir)
     return found[-1][0] if found else None
@@ -134,13 +149,13 @@ def _fd(meta: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def best_checkpoint(run_dir: str | Path) -> Path | None:
+def best_checkpoint(run_dir: str | Path) -> str | Path | None:
     """The checkpoint with the lowest fd (the later one on a tie); the latest when none recorded fd; None when the
     run has no checkpoint."""
     return select(run_dir)[0]
 
 
-def select(run_dir: str | Path) -> tuple[Path | None, str]:
+def select(run_dir: str | Path) -> tuple[str | Path | None, str]:
     """(checkpoint, why it was chosen): the best by `fd` (recorded at each checkpoint by the training hook), else
     the latest."""
     found = checkpoints(run_dir)
@@ -154,14 +169,18 @@ def select(run_dir: str | Path) -> tuple[Path | None, str]:
     return path, f"latest (epoch {meta['epoch']}; no checkpoint recorded fd)"
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """A checkpoint directory as given, or a run directory's best checkpoint; a clear error otherwise."""
-    p = Path(path).expanduser()
-    if (p / STATE_FILE).is_file():
-        return p, "as given"
-    if p.is_dir():
-        chosen, why = select(p)
-        if chosen is not None:
-            return chosen, why
-        raise UserError(f"{p} is neither a checkpoint nor a run directory with checkpoints")
+def resolve_checkpoint(path: str | Path) -> tuple[str | Path, str]:
+    """A checkpoint directory as given, or a run directory's best checkpoint (a Path, or a URI for one in object
+    storage); a clear error otherwise."""
+    p: str | Path = path if locations.is_remote(path) else Path(path).expanduser()
+    try:
+        if locations.exists(join(p, STATE_FILE)):
+            return p, "as given"
+        if locations.is_dir(p):
+            chosen, why = select(p)
+            if chosen is not None:
+                return chosen, why
+            raise UserError(f"{p} is neither a checkpoint nor a run directory with checkpoints")
+    except OSError as exc:
+        raise locations.storage_error(p, exc, "read") from None
     raise UserError(f"checkpoint not found: {p}")

@@ -92,10 +92,10 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
 
 def save(result: Generated, out: str | Path) -> Path:
     """Write the response to FILE.png / FILE.npz / FILE.json (the format was chosen from the same suffix)."""
-    from gan_ray.core.images import write_atomic
+    from gan_ray.core.locations import write_bytes
 
     path = Path(out).expanduser()
-    write_atomic(path, result.body)
+    write_bytes(path, result.body)
     return path
 
 

@@ -18,6 +18,7 @@ from gan_ray.cluster.resources import Bundle
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import describe_dataset, resolve_dataset
 from gan_ray.core.errors import UserError
+from gan_ray.core.locations import is_remote, join, read_bytes, uri
 from gan_ray.core.run_dir import (METRICS_FILE, check_compatible, finished_epochs, format_progress,
                                   prepare_run_dir)
 from gan_ray.train.ingest import DATA_CPUS, resolve_data_mode, stream_info, train_dataset
@@ -48,11 +49,13 @@ class ProgressPrinter(threading.Thread):
 
     A restore after a lost worker replaces the file (rows after the checkpoint dropped, then replayed), possibly
     between two polls; rows are therefore told apart by (epoch, time), not by file offset, and each is printed
-    once: replayed epochs print again, because they are trained again."""
+    once: replayed epochs print again, because they are trained again. A run in object storage is read whole at
+    each poll (every 2 s, not 0.5: each is a request), rank 0 writing it from wherever it runs."""
 
-    def __init__(self, path: Path, total_epochs: int, print_fn: Callable[[str], None] = print):
+    def __init__(self, path: Path | str, total_epochs: int, print_fn: Callable[[str], None] = print):
         super().__init__(daemon=True)
         self.path, self.total, self.print_fn = path, total_epochs, print_fn
+        self.interval_s = 2.0 if is_remote(path) else 0.5
         self.stop_event = threading.Event()
         self.inode: int | None = None
         self.offset = 0
@@ -65,17 +68,24 @@ class ProgressPrinter(threading.Thread):
         return row.get("epoch"), row.get("time")
 
     def _new_rows(self) -> list[dict]:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return []
-        if st.st_ino != self.inode or st.st_size < self.offset:  # replaced or truncated: read it from the start
-            self.inode, self.offset = st.st_ino, 0
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
+        if is_remote(self.path):
+            try:
+                chunk = read_bytes(self.path) or b""
+            except OSError:  # a failed request: the next poll reads it again
+                return []
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+        else:
+            try:
+                st = Path(self.path).stat()
+            except FileNotFoundError:
+                return []
+            if st.st_ino != self.inode or st.st_size < self.offset:  # replaced or truncated: read from the start
+                self.inode, self.offset = st.st_ino, 0
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self.offset += len(complete)
         rows = []
         for line in complete.decode(errors="replace").splitlines():
             try:
@@ -94,7 +104,7 @@ class ProgressPrinter(threading.Thread):
                                                                    if row.get("stopped") else ""))
 
     def run(self) -> None:
-        while not self.stop_event.wait(0.5):
+        while not self.stop_event.wait(self.interval_s):
             self.poll()
         self.poll()
 
@@ -137,7 +147,7 @@ def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callb
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=str(Path(cfg.storage).expanduser().resolve()),
+            storage_path=uri(cfg.storage),  # a local path resolved, or an object-store URI as given
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep, **score),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=[*(callbacks or []), StopOnUserError()],  # a worker's UserError ends the run at once
@@ -172,7 +182,7 @@ def fit(cfg: TrainConfig, *, address: str | None = None, quality: bool = True, p
 
         hooks = hooks_for(cfg)  # may train the dataset's feature extractor once (cached)
     prepare_run_dir(cfg)
-    printer = ProgressPrinter(cfg.run_dir / METRICS_FILE, cfg.epochs) if progress else None
+    printer = ProgressPrinter(join(cfg.run_dir, METRICS_FILE), cfg.epochs) if progress else None
     if printer:
         printer.start()
     from ray.train import TrainingFailedError

@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field
 
+from gan_ray.core import locations
 from gan_ray.core import prepared as fmt
 from gan_ray.core.config import BUILTIN_DATASETS, DEFAULT_DATA_DIR
 from gan_ray.core.errors import UserError, one_line
@@ -254,12 +255,9 @@ def check_destination(dest: str, source: Source) -> fmt.Manifest | None:
     cannot be written."""
     import pyarrow.fs as pafs
 
-    fs, root = fmt.filesystem(dest)
+    locations.check_bucket(dest, "write")  # a write into a missing bucket fails only later, inside Ray
+    fs, root = locations.filesystem(dest)
     try:
-        if "://" in dest:  # the bucket must exist (a write into a missing one fails only later, inside Ray)
-            bucket = root.split("/", 1)[0]
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise UserError(f"prepare: cannot write {dest}: no such bucket {bucket!r}")
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.File:
             raise UserError(f"prepare: --out {dest} is a file")
@@ -268,7 +266,7 @@ def check_destination(dest: str, source: Source) -> fmt.Manifest | None:
     except UserError:
         raise
     except OSError as exc:
-        raise fmt.storage_error(dest, exc, "write") from None
+        raise locations.storage_error(dest, exc, "write") from None
     names = {e.base_name for e in entries}
     if fmt.MANIFEST in names:
         existing = fmt.read_manifest(dest)
@@ -284,14 +282,15 @@ def check_destination(dest: str, source: Source) -> fmt.Manifest | None:
         print(f"prepare: {dest} holds an unfinished prepare (no manifest); starting over", file=sys.stderr)
         _remove_shards(dest)
     try:  # the first write: a denied bucket or read-only mount is refused here, before any Ray work
-        fmt._write_bytes(fs, f"{root}/{MARKER}", json.dumps({"source": source.name, "key": source.key}).encode())
+        marker = json.dumps({"source": source.name, "key": source.key}).encode()
+        locations.write_bytes(locations.uri(dest, MARKER), marker)
     except OSError as exc:
-        raise fmt.storage_error(dest, exc, "write") from None
+        raise locations.storage_error(dest, exc, "write") from None
     return None
 
 
 def _remove_shards(dest: str) -> None:
-    fs, root = fmt.filesystem(dest)
+    fs, root = locations.filesystem(dest)
     for split in fmt.SPLITS:
         try:
             fs.delete_dir(f"{root}/{split}")
@@ -300,7 +299,7 @@ def _remove_shards(dest: str) -> None:
 
 
 def _remove_marker(dest: str) -> None:
-    fs, root = fmt.filesystem(dest)
+    fs, root = locations.filesystem(dest)
     try:
         fs.delete_file(f"{root}/{MARKER}")
     except (FileNotFoundError, OSError):

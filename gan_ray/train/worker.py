@@ -7,7 +7,7 @@ D separately), `ray.train.get_checkpoint` (resume, and recovery after a worker d
 """
 from __future__ import annotations
 
-import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +22,10 @@ from gan_ray.core.epoch import ProgressLine, run_batches, run_epoch, steps_per_e
 from gan_ray.core.fast_step import make_step_fn
 from gan_ray.core.health import CollapseWatch
 from gan_ray.core.fast_step import resolve_for as resolve_fast_path
-from gan_ray.core.images import grid_png, write_atomic
+from gan_ray.core.images import grid_png
+from gan_ray.core.locations import is_remote, join, upload_dir, write_bytes
 from gan_ray.core.models import ModelSpec
-from gan_ray.core.run_dir import METRICS_FILE, truncate_metrics
+from gan_ray.core.run_dir import METRICS_FILE, append_metrics, truncate_metrics
 from gan_ray.core.step import GANState, build_state, eval_mode, latent_for_seed, spec_for
 from gan_ray.train.gpu_check import check_gpu_worker
 
@@ -224,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for group in opt.param_groups:
                 group["lr"] = lr
     if rank == 0:
-        truncate_metrics(run_dir / METRICS_FILE, start_epoch - 1)  # rows after the checkpoint are replayed
+        truncate_metrics(join(run_dir, METRICS_FILE), start_epoch - 1)  # rows after the checkpoint are replayed
     z_fixed, labels_fixed = fixed_noise(spec, cfg.seed)
     # Marks the first epoch after a restore (resume, or recovery from a lost worker) in metrics.jsonl.
     restored_from = start_epoch - 1 if restored is not None else None
@@ -264,7 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with torch.no_grad(), eval_mode(state.sampler) as sampler:  # --no-ema: G itself, in train mode
                     imgs = sampler(z_fixed.to(device), labels_fixed.to(device) if labels_fixed is not None else None)
                 grid = grid_png(imgs, nrow=spec.num_classes or 8)
-                write_atomic(run_dir / "samples" / f"epoch_{epoch:04d}.png", grid)
+                write_bytes(join(run_dir, "samples", f"epoch_{epoch:04d}.png"), grid)
             failed = watch.check(metrics)
             warnings = [w for w in (rank_disagreement(metrics), failed) if w]
             if warnings:
@@ -273,8 +274,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["stopped"] = failed
             metrics["wall_s"] = round(time.time() - t_epoch, 3)
             metrics["time"] = time.time()
-            with open(run_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_metrics(join(run_dir, METRICS_FILE), metrics)
             board.write(epoch, metrics, grid)
         stop = _agree("stopped" in metrics, world, device)
         if is_ckpt or stop:
@@ -295,12 +295,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 class TensorBoard:
     """Rank 0's TensorBoard event files in RUN_DIR/tensorboard: every numeric metric of an epoch as a scalar
     (losses, D's outputs, img/s, the quality metrics), and the epoch's sample grid as an image.
-    `purge_step`: after a resume or a recovery the replayed epochs replace the ones logged before."""
+    `purge_step`: after a resume or a recovery the replayed epochs replace the ones logged before.
 
-    def __init__(self, run_dir: Path, start_epoch: int):
+    In object storage (which cannot append) the writer writes a local directory, uploaded after every epoch: each
+    start of the worker writes its own event file, so uploads never overwrite another run's events."""
+
+    def __init__(self, run_dir: Path | str, start_epoch: int):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch)
+        self.remote = join(run_dir, "tensorboard") if is_remote(run_dir) else None
+        self.local = tempfile.mkdtemp(prefix="gan-ray-tensorboard-") if self.remote else str(join(run_dir,
+                                                                                                  "tensorboard"))
+        self.writer = SummaryWriter(self.local, purge_step=start_epoch)
 
     def write(self, epoch: int, metrics: dict[str, Any], grid_png: bytes | None) -> None:
         for key, value in metrics.items():
@@ -315,6 +321,11 @@ class TensorBoard:
             image = np.asarray(Image.open(io.BytesIO(grid_png)).convert("RGB"))
             self.writer.add_image("samples", image, epoch, dataformats="HWC")
         self.writer.flush()
+        if self.remote:
+            upload_dir(self.local, self.remote)
 
     def close(self) -> None:
         self.writer.close()
+        if self.remote:
+            upload_dir(self.local, self.remote)
+            shutil.rmtree(self.local, ignore_errors=True)

@@ -299,6 +299,10 @@ class SweepSettings(Settings):
     def _check(self) -> "SweepSettings":
         if self.grace_period > self.epochs:
             raise ValueError(f"--grace-period must lie in 1..--epochs ({self.epochs}), got {self.grace_period}")
+        if "://" in self.storage:
+            raise ValueError(f"--storage {self.storage}: a sweep's trials share files (lineage, placement groups, "
+                             "PBT's donor checkpoints) on a file system, a shared mount on a cluster; object storage "
+                             "holds `gan-ray train` runs and datasets (docs/deploy.md)")
         if self.perturbation_interval is None:
             object.__setattr__(self, "perturbation_interval", max(1, self.epochs // 4))
         if self.search == "optuna":

@@ -23,7 +23,7 @@ from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import describe_dataset, resolve_dataset
 from gan_ray.core.env import scoped_env
 from gan_ray.core.errors import UserError
-from gan_ray.core.images import write_atomic
+from gan_ray.core.locations import write_bytes
 from gan_ray.tune.placement import SweepGroups
 from gan_ray.tune.results import (PLOT_FILE, RESULTS_CSV, TrialRow, collect_rows, plot_sweep, progress_callback,
                                   write_results_csv)
@@ -173,7 +173,7 @@ def run_sweep(space: SearchSpace, settings: SweepSettings, *, export: str | Path
     dims = list(space.dims)
     exp = settings.path
     exp.mkdir(parents=True, exist_ok=True)
-    write_atomic(exp / SWEEP_FILE, (json.dumps({"fingerprint": _fingerprint(space, settings), "base": base,
+    write_bytes(exp / SWEEP_FILE, (json.dumps({"fingerprint": _fingerprint(space, settings), "base": base,
                                                 "settings": settings.model_dump(), "concurrency": concurrency},
                                                indent=2, sort_keys=True) + "\n").encode())
     trainable = tune.with_resources(

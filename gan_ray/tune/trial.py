@@ -19,6 +19,7 @@ from ray.train.v2.api.callback import UserCallback
 
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.errors import UserError
+from gan_ray.core.locations import join
 from gan_ray.core.run_dir import check_compatible, prepare_run_dir
 from gan_ray.train.driver import trainer_for
 from gan_ray.tune.placement import PG_FILE, PlacementGroupRecorder, run_index
@@ -108,7 +109,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], scheduler: str,
     check_compatible(cfg)
     prepare_run_dir(cfg)
     hooks = fd_hooks(cfg)
-    recorder = PlacementGroupRecorder(str(cfg.run_dir / PG_FILE))
+    recorder = PlacementGroupRecorder(str(join(cfg.run_dir, PG_FILE)))
     if scheduler != "pbt":
         from ray.tune.integration.ray_train import TuneReportCallback
 
