@@ -217,6 +217,28 @@ def test_every_package_the_tests_import_is_declared():
         assert dist in declared, f"the tests import {top} (from {dist}), which is not a dependency or test extra"
 
 
+def test_uv_installs_from_the_sources_pip_is_configured_with(tmp_path):
+    """`make` installs with uv, which does not read pip's configuration: tools/uv_sources.py hands it pip's index,
+    extra indexes and find-links (a machine's local mirror), and nothing at all where pip has none (PyPI then)."""
+    import os
+    import subprocess
+    import sys
+
+    def sources(**env: str) -> str:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "uv_sources.py")], env={**clean, **env},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert sources(PIP_CONFIG_FILE=os.devnull) == ""  # no configuration: uv's defaults, i.e. PyPI
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nindex-url = https://mirror.example/simple\n"
+                    "extra-index-url = file:///opt/a/simple file:///opt/b/simple\n")
+    got = sources(PIP_CONFIG_FILE=str(conf), PIP_FIND_LINKS="/opt/wheels")
+    assert sorted(part.lstrip("-") for part in got.split(" --")) == [
+        "extra-index-url file:///opt/a/simple", "extra-index-url file:///opt/b/simple", "find-links /opt/wheels",
+        "index-strategy unsafe-best-match", "index-url https://mirror.example/simple"], got
+
+
 def test_installs_go_through_the_lock():
     """make demo / make test install under constraints.txt, which pins every declared dependency, test extras
     included, to the version installed here (the one the tests run with)."""
