@@ -174,25 +174,26 @@ def test_a_bucket_that_refuses_the_caller_is_one_line_before_ray(tmp_path):
 
 # ------------------------------------------------------------------------------------ resume, a lost worker
 def test_a_streamed_run_survives_a_killed_worker_and_resumes(ray_cluster, digits_prepared, tmp_path):
-    """A worker SIGKILLed while it streams epoch 2 (its reader already reading ahead): the run restores from
-    epoch 1's checkpoint on a new worker group, streams equal shares again and finishes; then resumes."""
-    cfg = stream_config(digits_prepared, tmp_path, "recover", epochs=3, batch_size=16, checkpoint_every=1,
+    """A worker SIGKILLed while it streams epoch 2 or 3 (its reader already reading ahead): the run restores from
+    the last checkpoint on a new worker group, streams equal shares again and finishes; then resumes. (Six epochs
+    of a few seconds each: the kill waits for epoch 1's registered checkpoint, and must still land mid-run.)"""
+    cfg = stream_config(digits_prepared, tmp_path, "recover", epochs=6, batch_size=16, checkpoint_every=1,
                         max_failures=2)
     thread, outcome, _ = fit_then_kill_a_worker(cfg, after_epoch=1)  # a real worker process dies mid-stream
     metrics = cfg.run_dir / "metrics.jsonl"
     thread.join(timeout=600)
     assert not thread.is_alive() and outcome["result"].error is None
     rows = read_metrics(metrics)
-    assert [r["epoch"] for r in rows] == list(range(1, 4))
+    assert [r["epoch"] for r in rows] == list(range(1, 7))
     assert any("restored_from" in r for r in rows), "the run was restored from a checkpoint"
     assert all(r["rank_steps"] == [47, 47] for r in rows)  # the new worker group streams equal shares too
-    assert finished_epochs(cfg.run_dir) == 3
+    assert finished_epochs(cfg.run_dir) == 6
 
     # and the finished run resumes from its last checkpoint when asked for more epochs (a new split, same shares)
-    assert fit(cfg.replace(epochs=4), quality=False, progress=False).error is None
+    assert fit(cfg.replace(epochs=7), quality=False, progress=False).error is None
     rows = read_metrics(metrics)
-    assert [r["epoch"] for r in rows] == list(range(1, 5)) and rows[-1]["restored_from"] == 3
-    assert rows[-1]["rank_steps"] == [47, 47] and rows[-1]["step"] == 4 * 47
+    assert [r["epoch"] for r in rows] == list(range(1, 8)) and rows[-1]["restored_from"] == 6
+    assert rows[-1]["rank_steps"] == [47, 47] and rows[-1]["step"] == 7 * 47
 
 
 # ------------------------------------------------------------------------------------------------- Tune

@@ -100,14 +100,15 @@ def _train_worker_pids() -> list[int]:
 
 
 def fit_then_kill_a_worker(cfg: TrainConfig, after_epoch: int = 3, wait_s: float = 300):
-    """Start `fit(cfg)` in a thread, SIGKILL one of its two real worker processes once epoch `after_epoch` is
-    reported; returns the thread, the dict its result lands in (`result`) and the killed pid."""
+    """Start `fit(cfg)` in a thread, SIGKILL one of its two real worker processes once Ray Train has registered a
+    checkpoint of epoch `after_epoch` or later; returns the thread, the dict its result lands in (`result`) and the
+    killed pid. (Not once the epoch's metrics row is written: a kill before the checkpoint's report completes on
+    every rank leaves it unregistered, and the run then rightly restarts from scratch, with nothing restored.)"""
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg, quality=False, progress=False)))
     thread.start()
-    metrics = cfg.run_dir / "metrics.jsonl"
     deadline = time.time() + wait_s
-    while time.time() < deadline and not any(r["epoch"] >= after_epoch for r in read_metrics(metrics)):
+    while time.time() < deadline and finished_epochs(cfg.run_dir) < after_epoch:
         time.sleep(0.5)
     pids = _train_worker_pids()
     assert len(pids) == 2, pids
