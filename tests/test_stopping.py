@@ -2,7 +2,8 @@
 saying what it stopped, exit code 143, a training run's last checkpoint intact and resumable, and nothing left
 behind: no process of its own (Ray's daemons and agents, workers, HAProxy, a benchmark's plain server) and no
 bound port. Each test sends the signal at a busy moment and checks /proc and the ports afterwards
-(tests/conftest.py: Command.stop). `submit --wait` is in tests/test_cluster_e2e.py, next to its cluster.
+(tests/conftest.py: Command.stop). `submit --wait` is in tests/test_cluster_e2e.py, next to its cluster; `tune`
+(stopped, then resumed to completion) in tests/test_tune.py, whose sweep it is.
 
 `make test` stops `train` (and resumes it); the other commands are the e2e tier."""
 from __future__ import annotations
@@ -45,35 +46,6 @@ def test_train_stops_keeping_its_checkpoint_and_resumes(tmp_path, ray_cluster):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["epoch"] == done + 1 and rows[-1]["restored_from"] == done
-
-
-@e2e
-def test_tune_stops_with_its_sweep_saved_and_resumes_to_completion(tmp_path, ray_cluster):
-    """Stopped in its first trial's first epochs, the sweep is saved; the same command run again finishes it: every
-    trial terminated, the stopped one continued from its checkpoint, a best model exported. (The resume runs on the
-    session's cluster, in this process: it is the sweep's directory that resumes, wherever it runs.)"""
-    args = ["tune", "--trials", "2", "--epochs", "4", "--max-concurrent", "1", "--scheduler", "none",
-            "--storage", str(tmp_path), "--name", "s", "--batch-size", "32", "--sample-every", "0",
-            "--eval-samples", "256", "--export", str(tmp_path / "best")]
-    cmd = Command(*args)
-    try:
-        cmd.wait_for_line(r"\[tune\] \w+\s+epoch 2/", 300)  # its epoch-1 checkpoint is Tune's
-        assert cmd.stop() == 143
-    finally:
-        cmd.kill()
-    assert "re-run the same command to resume" in stop_line(cmd, "tune")
-    assert (tmp_path / "s" / "sweep.json").exists() and not (tmp_path / "best").exists()
-    r = cli(*args)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "[tune] resuming sweep" in r.stdout
-    import csv
-
-    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
-    assert len(rows) == 2 and all(row["status"] == "completed" and int(row["epochs"]) == 4 for row in rows), rows
-    lineage = [json.loads(line) for trial in sorted((tmp_path / "s").glob("trial_*"))
-               for line in (trial / "lineage.jsonl").read_text().splitlines()]
-    assert any(row["start"] == "resume" for row in lineage), lineage  # the stopped trial went on, not anew
-    assert (tmp_path / "best" / "model.json").is_file()
 
 
 @e2e

@@ -14,9 +14,8 @@ import pytest
 from gan_ray.cluster.processes import free_port
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.run_dir import finished_epochs, read_metrics
-from gan_ray.train.driver import fit
 from gan_ray.train.prepare import PrepareSettings, prepare
-from tests.conftest import run_cli, wait_for
+from tests.conftest import assert_one_line_error, cli, run_cli, wait_for
 from tests.test_train_ray import fit_then_kill_a_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -117,18 +116,17 @@ def test_prepare_into_and_train_from_s3(s3_server, tmp_path):
     model = json.loads((tmp_path / "model" / "model.json").read_text())
     assert model["epoch"] == 2 and model["source"]["run"] == "s3://gan-data/runs/from-s3", model["source"]
 
-    # bad object-store input: one line, exit 2, before any Ray work
-    r = run_cli("prepare", "digits", "--out", "s3://no-such-bucket/digits", env=s3_server)
-    assert r.returncode == 2 and "no such bucket" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = run_cli("train", "--storage", "s3://no-such-bucket/runs", env=s3_server)
-    assert r.returncode == 2 and "no such bucket" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = run_cli("tune", "--storage", "s3://gan-data/sweeps", env=s3_server)
-    assert r.returncode == 2 and "a sweep's trials share files" in r.stderr, r.stderr
-    r = run_cli("train", "--dataset", "s3://gan-data/nothing-here", env=s3_server)
-    assert r.returncode == 2 and "no manifest.json there" in r.stderr, r.stderr
+    # bad object-store input: one line, exit 2, before any Ray work (in this process: the same main())
+    r = cli("prepare", "digits", "--out", "s3://no-such-bucket/digits", env=s3_server)
+    assert_one_line_error(r, "no such bucket")
+    assert_one_line_error(cli("train", "--storage", "s3://no-such-bucket/runs", env=s3_server), "no such bucket")
+    assert_one_line_error(cli("tune", "--storage", "s3://gan-data/sweeps", env=s3_server),
+                          "a sweep's trials share files")
+    assert_one_line_error(cli("train", "--dataset", "s3://gan-data/nothing-here", env=s3_server),
+                          "no manifest.json there")
     closed = {**s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    r = run_cli("train", "--dataset", "s3://gan-data/digits", env=closed, timeout=300)
-    assert r.returncode == 2 and "cannot read the prepared dataset at s3://gan-data/digits" in r.stderr, r.stderr
+    assert_one_line_error(cli("train", "--dataset", "s3://gan-data/digits", env=closed),
+                          "cannot read the prepared dataset at s3://gan-data/digits")
 
 
 def test_a_bucket_that_refuses_the_caller_is_one_line_before_ray(tmp_path):
@@ -173,27 +171,21 @@ def test_a_bucket_that_refuses_the_caller_is_one_line_before_ray(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ resume, a lost worker
-def test_a_streamed_run_survives_a_killed_worker_and_resumes(ray_cluster, digits_prepared, tmp_path):
+def test_a_streamed_run_survives_a_killed_worker(ray_cluster, digits_prepared, tmp_path):
     """A worker SIGKILLed while it streams epoch 2 or 3 (its reader already reading ahead): the run restores from
-    the last checkpoint on a new worker group, streams equal shares again and finishes; then resumes. (Six epochs
-    of a few seconds each: the kill waits for epoch 1's registered checkpoint, and must still land mid-run.)"""
-    cfg = stream_config(digits_prepared, tmp_path, "recover", epochs=6, batch_size=16, checkpoint_every=1,
+    the last checkpoint on a new worker group, streams equal shares again (a new split) and finishes. (Four epochs
+    of a few seconds each: the kill waits for epoch 1's registered checkpoint, and must still land mid-run. A
+    streamed run resumed by a second command: test_prepare_into_and_train_from_s3.)"""
+    cfg = stream_config(digits_prepared, tmp_path, "recover", epochs=4, batch_size=16, checkpoint_every=1,
                         max_failures=2)
     thread, outcome, _ = fit_then_kill_a_worker(cfg, after_epoch=1)  # a real worker process dies mid-stream
-    metrics = cfg.run_dir / "metrics.jsonl"
     thread.join(timeout=600)
     assert not thread.is_alive() and outcome["result"].error is None
-    rows = read_metrics(metrics)
-    assert [r["epoch"] for r in rows] == list(range(1, 7))
+    rows = read_metrics(cfg.run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(1, 5))
     assert any("restored_from" in r for r in rows), "the run was restored from a checkpoint"
     assert all(r["rank_steps"] == [47, 47] for r in rows)  # the new worker group streams equal shares too
-    assert finished_epochs(cfg.run_dir) == 6
-
-    # and the finished run resumes from its last checkpoint when asked for more epochs (a new split, same shares)
-    assert fit(cfg.replace(epochs=7), quality=False, progress=False).error is None
-    rows = read_metrics(metrics)
-    assert [r["epoch"] for r in rows] == list(range(1, 8)) and rows[-1]["restored_from"] == 6
-    assert rows[-1]["rank_steps"] == [47, 47] and rows[-1]["step"] == 7 * 47
+    assert rows[-1]["step"] == 4 * 47 and finished_epochs(cfg.run_dir) == 4
 
 
 # ------------------------------------------------------------------------------------------------- Tune

@@ -36,10 +36,22 @@ def storage(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
+def _actors_of_class(name: str) -> int:
+    """How many actors of class `name` this cluster ever had, dead ones included."""
+    from ray._private.worker import get_dashboard_url
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=f"http://{get_dashboard_url()}", filters=[("class_name", "=", name)],
+                           limit=10_000))
+
+
 def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster, storage):
     cfg = small_config(storage, "resume", **DCGAN)
+    managers = _actors_of_class("DatasetManager")
     result = fit(cfg, progress=False)
     assert result.error is None
+    # an in-memory run starts no Ray Data actor (gan_ray.train.driver._trainer_class: 1-2 s of every launch)
+    assert _actors_of_class("DatasetManager") == managers
     run = cfg.run_dir
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]

@@ -1,16 +1,13 @@
 """`gan-ray tune`: search-space parsing, bad input, and real sweeps (Ray Tune over Ray Train trials) on digits.
 
-The slow tests share one sweep: a 4-trial ASHA run started as a real `gan-ray tune` process, SIGKILLed once a trial
-has finished, then resumed with the same command; and a 2-member PBT run.
+The slow tests share one sweep: a 4-trial ASHA run started as a real `gan-ray tune` process on a cluster of its own,
+stopped with SIGTERM once a trial has finished (nothing of it left behind), then resumed to completion by the same
+command; and a 2-member PBT run.
 """
 from __future__ import annotations
 
 import glob
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from gan_ray.tune.placement import job_groups
 from gan_ray.tune.space import DEFAULT_SPACE, Choice, Range, build_space, parse_text
 
 from gan_ray.tune.trial import read_lineage
-from tests.conftest import GAN_RAY, ROOT, assert_one_line_error, cli, own_lines, wait_for
+from tests.conftest import Command, assert_one_line_error, cli, own_lines, wait_for
 
 # Tiny trials: one worker, digits, a few epochs of 48 steps, the smallest sample count fd accepts on digits.
 TINY = ["--batch-size", "32", "--eval-samples", "128", "--sample-every", "0", "--workers-per-trial", "1"]
@@ -257,42 +254,48 @@ def _csv_rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def asha_sweep(ray_cluster, tmp_path_factory):
-    """A 4-trial ASHA sweep, run as `gan-ray tune`, SIGKILLed after its first trial finished, then resumed.
+    """A 4-trial ASHA sweep, run as `gan-ray tune` on a cluster of its own, stopped with SIGTERM (docker stop,
+    kubectl delete) once its first trial has finished, then resumed by the same command on the session's cluster
+    (it is the sweep's directory that resumes, wherever it runs).
 
     Trials run one at a time so the order is the seed's (seed 1 draws good, bad, bad, bad): the first trial sets
     the rungs and the bad config (lr_g 0.05) gives ASHA a reason to stop trials early, also after the resume."""
     root = tmp_path_factory.mktemp("tune")
     exp = root / "runs" / "asha"
-    address = ray_cluster.get_runtime_context().gcs_address
     before = ray_cluster.available_resources().get("CPU", 0)
     args = ["tune", "--trials", "4", "--epochs", "3", "--scheduler", "asha", "--grace-period", "1",
             "--reduction-factor", "3", "--max-concurrent", "1", "--lr-g", f"{GOOD_LR},{BAD_LR}", "--lr-d", GOOD_LR,
             "--latent-dim", "32", "--seed", "1", *TINY, "--storage", str(root / "runs"), "--name", "asha",
-            "--export", str(root / "model"), "--address", address]
-    log = open(root / "first.log", "w")
-    proc = subprocess.Popen([*GAN_RAY, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            "--export", str(root / "model")]
+    cmd = Command(*args)
     finished: set[str] = set()
-    deadline = time.time() + 600
     try:
-        while time.time() < deadline and proc.poll() is None:
+        def a_trial_finished() -> bool:  # and Tune's saved state knows it
             done = {r["trial_id"] for r in _csv_rows(exp / "results.csv") if r["status"] in ("completed", "stopped early")}
             saved = {t for t, s in _experiment_statuses(exp).items() if s == "TERMINATED"}
-            if done & saved:  # a trial finished and Tune's saved state knows it: kill the driver for real
-                finished = done & saved
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.5)
-        proc.wait(timeout=60)
+            finished.update(done & saved)
+            return bool(finished) or cmd.proc.poll() is not None
+
+        wait_for(a_trial_finished, 600, "a finished trial", poll_s=0.5)
+        assert cmd.proc.poll() is None, f"the sweep ended before it could be stopped:\n{cmd.text()[-3000:]}"
+        stopped = cmd.stop()  # and nothing of its cluster is left: no process, no bound port
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        log.close()
-    assert finished, f"no trial finished before the deadline:\n{(root / 'first.log').read_text()[-3000:]}"
-    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
+        cmd.kill()
     starts_before = {d.name: len(read_lineage(d)) for d in exp.glob("trial_*") if read_lineage(d)}
-    second = subprocess.run([*GAN_RAY, *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    exported_before = (root / "model").exists()
+    second = cli(*args)
     return {"exp": exp, "root": root, "finished": finished, "starts_before": starts_before, "second": second,
-            "cpu_before": before}
+            "cpu_before": before, "stopped": stopped, "stop_text": cmd.text(), "exported_before": exported_before}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_stopped_sweep_says_so_is_saved_and_exports_nothing_yet(asha_sweep):
+    stop = [line for line in asha_sweep["stop_text"].splitlines() if line.startswith("gan-ray tune: stopped (SIGTERM)")]
+    assert asha_sweep["stopped"] == 143 and len(stop) == 1, asha_sweep["stop_text"][-3000:]
+    assert "re-run the same command to resume" in stop[0]
+    assert (asha_sweep["exp"] / "sweep.json").exists() and not asha_sweep["exported_before"]
 
 
 @pytest.mark.e2e

@@ -119,11 +119,32 @@ class ProgressPrinter(threading.Thread):
 REPORT_POLL_S = "0.25"
 
 
+def _trainer_class():
+    """Ray's TorchTrainer, less the Ray Data actor of a run that has no Ray Dataset.
+
+    Train 2.60 gives every run a `DatasetManager` actor (its `DatasetsCallback`), datasets or not. That is one more
+    Python process importing Ray Data on the launch's critical path: about 2 s of a 2-worker launch's 14 s on two
+    cores (benchmarks/bench_launch.py measures it). An in-memory run reads its data itself and never asks for a dataset
+    shard, so it drops that callback; a streamed run (`datasets=`) keeps every callback. `_create_default_callbacks`
+    is Ray's own hook for its defaults (private; constraints.txt pins Ray, and tests/test_train_ray.py fails if the
+    actor comes back or the name moves)."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return LeanTorchTrainer
+
+
 def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callbacks: list | None = None):
     """The TorchTrainer for a validated config (used by `fit` and by Tune trial drivers)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
-    from ray.train.torch import TorchTrainer
 
     from gan_ray.train.refusals import StopOnUserError
 
@@ -139,7 +160,7 @@ def trainer_for(cfg: TrainConfig, *, hooks: list[EpochHook] | None = None, callb
     if cfg.data_mode == "stream":
         loop_config["stream"] = stream_info(cfg)
         datasets = {"train": train_dataset(cfg)}
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config=loop_config,
         datasets=datasets,
