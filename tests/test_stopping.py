@@ -13,8 +13,8 @@ import re
 
 import pytest
 
-from gan_ray.cluster.processes import command_line
-from tests.conftest import Command, cli
+from gan_ray.cluster.processes import command_line, descendants
+from tests.conftest import Command, cli, wait_for
 
 pytestmark = pytest.mark.slow
 e2e = pytest.mark.e2e
@@ -53,8 +53,9 @@ def test_demo_stops_during_its_sweep(tmp_path):
     """Tune takes the signal (as it takes a first Ctrl-C) and returns normally: the demo must then stop, not go on
     to train."""
     cmd = Command("demo", "--out", str(tmp_path / "demo"))
-    try:
-        cmd.wait_for_line(r"\[tune\] \w+\s+epoch 1/", 300)
+    try:  # a trial's Ray Train run is starting: Tune is under way
+        wait_for(lambda: any("TrainController" in command_line(p) for p in descendants(cmd.proc.pid)), 300,
+                 "the first trial's Ray Train run")
         assert cmd.stop() == 143
     finally:
         cmd.kill()
@@ -67,10 +68,6 @@ def test_bench_stops_inside_its_ray_train_run():
     cmd = Command("bench", "--steps", "300", "--repeats", "2", "--threads", "1")
     try:
         import time
-
-        from tests.conftest import wait_for
-
-        from gan_ray.cluster.processes import descendants
 
         # busy: the Ray Train run is measuring (the plain loop ran first)
         wait_for(lambda: any("TrainController" in command_line(p) for p in descendants(cmd.proc.pid)), 300,
@@ -100,7 +97,6 @@ def test_two_local_deployments_coexist_with_side_ports_on_localhost(tmp_path, se
     are taken, and binds them on 127.0.0.1 only. Each then stops on SIGTERM, its port free again."""
     from tests.conftest import listening_ports
 
-    from gan_ray.cluster.processes import descendants
     from gan_ray.cluster.processes import free_port
 
     cmds = []
