@@ -132,6 +132,7 @@ def test_serving_load_counts_requests_by_completion_without_bias():
     assert 195 <= stats["p50_ms"] <= 260, stats
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_scale_benchmark_times_each_arch_and_side_beside_its_all_reduce(capsys):

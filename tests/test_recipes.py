@@ -97,6 +97,7 @@ def _shares(predicted: np.ndarray) -> np.ndarray:
     return np.bincount(predicted, minlength=10) / len(predicted)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mnist_recipe_early_steps_learn_every_class(mnist_dir, reader):
