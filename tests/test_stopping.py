@@ -22,6 +22,11 @@ e2e = pytest.mark.e2e
 TRAIN = ["--dataset", "digits", "--workers", "2", "--batch-size", "32", "--sample-every", "0"]
 
 
+def wait_for_a_train_run(cmd: Command, what: str) -> None:
+    """Until a Ray Train run of the command's own cluster has started (its TrainController process is up)."""
+    wait_for(lambda: any("TrainController" in command_line(p) for p in descendants(cmd.proc.pid)), 300, what)
+
+
 def stop_line(cmd: Command, command: str) -> str:
     lines = [line for line in cmd.err if line.startswith(f"gan-ray {command}: stopped (SIGTERM): ")]
     assert len(lines) == 1, cmd.text()[-3000:]
@@ -54,8 +59,7 @@ def test_demo_stops_during_its_sweep(tmp_path):
     to train."""
     cmd = Command("demo", "--out", str(tmp_path / "demo"))
     try:  # a trial's Ray Train run is starting: Tune is under way
-        wait_for(lambda: any("TrainController" in command_line(p) for p in descendants(cmd.proc.pid)), 300,
-                 "the first trial's Ray Train run")
+        wait_for_a_train_run(cmd, "the first trial's Ray Train run")
         assert cmd.stop() == 143
     finally:
         cmd.kill()
@@ -70,8 +74,7 @@ def test_bench_stops_inside_its_ray_train_run():
         import time
 
         # busy: the Ray Train run is measuring (the plain loop ran first)
-        wait_for(lambda: any("TrainController" in command_line(p) for p in descendants(cmd.proc.pid)), 300,
-                 "the Ray Train run")
+        wait_for_a_train_run(cmd, "the Ray Train run")
         time.sleep(5)
         assert cmd.stop() == 143, cmd.text()[-2000:]
     finally:

@@ -36,22 +36,13 @@ def storage(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-def _actors_of_class(name: str) -> int:
-    """How many actors of class `name` this cluster ever had, dead ones included."""
-    from ray._private.worker import get_dashboard_url
-    from ray.util.state import list_actors
-
-    return len(list_actors(address=f"http://{get_dashboard_url()}", filters=[("class_name", "=", name)],
-                           limit=10_000))
-
-
 def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster, storage):
     cfg = small_config(storage, "resume", **DCGAN)
-    managers = _actors_of_class("DatasetManager")
+    managers = len(_actors("DatasetManager", alive_only=False))
     result = fit(cfg, progress=False)
     assert result.error is None
     # an in-memory run starts no Ray Data actor (gan_ray.train.driver._trainer_class: 1-2 s of every launch)
-    assert _actors_of_class("DatasetManager") == managers
+    assert len(_actors("DatasetManager", alive_only=False)) == managers
     run = cfg.run_dir
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -101,14 +92,18 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
         fit(small_config(storage, "resume", epochs=5, latent_dim=32, **DCGAN), progress=False)  # finished, refused
 
 
-def _train_worker_pids() -> list[int]:
+def _actors(class_name: str, alive_only: bool = True) -> list:
+    """This cluster's actors of `class_name` (with `alive_only=False`, dead ones too), from its own API server:
+    other local clusters (parallel test runs) must not be asked."""
     from ray._private.worker import get_dashboard_url
     from ray.util.state import list_actors
 
-    # This cluster's own API server: other local clusters (parallel test runs) must not be asked.
-    actors = list_actors(address=f"http://{get_dashboard_url()}",
-                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors if a.pid]
+    filters = [("class_name", "=", class_name)] + ([("state", "=", "ALIVE")] if alive_only else [])
+    return list_actors(address=f"http://{get_dashboard_url()}", filters=filters, limit=10_000)
+
+
+def _train_worker_pids() -> list[int]:
+    return [a.pid for a in _actors("RayTrainWorker") if a.pid]
 
 
 def fit_then_kill_a_worker(cfg: TrainConfig, after_epoch: int = 3, wait_s: float = 300):

@@ -19,6 +19,7 @@ from gan_ray.tune.space import DEFAULT_SPACE, Choice, Range, build_space, parse_
 
 from gan_ray.tune.trial import read_lineage
 from tests.conftest import Command, assert_one_line_error, cli, own_lines, wait_for
+from tests.test_stopping import stop_line
 
 # Tiny trials: one worker, digits, a few epochs of 48 steps, the smallest sample count fd accepts on digits.
 TINY = ["--batch-size", "32", "--eval-samples", "128", "--sample-every", "0", "--workers-per-trial", "1"]
@@ -285,16 +286,15 @@ def asha_sweep(ray_cluster, tmp_path_factory):
     exported_before = (root / "model").exists()
     second = cli(*args)
     return {"exp": exp, "root": root, "finished": finished, "starts_before": starts_before, "second": second,
-            "cpu_before": before, "stopped": stopped, "stop_text": cmd.text(), "exported_before": exported_before}
+            "cpu_before": before, "stopped": stopped, "command": cmd, "exported_before": exported_before}
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_a_stopped_sweep_says_so_is_saved_and_exports_nothing_yet(asha_sweep):
-    stop = [line for line in asha_sweep["stop_text"].splitlines() if line.startswith("gan-ray tune: stopped (SIGTERM)")]
-    assert asha_sweep["stopped"] == 143 and len(stop) == 1, asha_sweep["stop_text"][-3000:]
-    assert "re-run the same command to resume" in stop[0]
+    assert asha_sweep["stopped"] == 143, asha_sweep["command"].text()[-3000:]
+    assert "re-run the same command to resume" in stop_line(asha_sweep["command"], "tune")
     assert (asha_sweep["exp"] / "sweep.json").exists() and not asha_sweep["exported_before"]
 
 

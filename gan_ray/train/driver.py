@@ -6,6 +6,7 @@ already finished), prepares the quality hooks (`gan_ray.eval.hook`), then runs a
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -119,12 +120,13 @@ class ProgressPrinter(threading.Thread):
 REPORT_POLL_S = "0.25"
 
 
+@functools.cache
 def _trainer_class():
-    """Ray's TorchTrainer, less the Ray Data actor of a run that has no Ray Dataset.
+    """Ray's TorchTrainer, less the Ray Data actor of a run that has no Ray Dataset (one class, made once).
 
     Train 2.60 gives every run a `DatasetManager` actor (its `DatasetsCallback`), datasets or not. That is one more
-    Python process importing Ray Data on the launch's critical path: about 2 s of a 2-worker launch's 14 s on two
-    cores (benchmarks/bench_launch.py measures it). An in-memory run reads its data itself and never asks for a dataset
+    Python process importing Ray Data on the launch's critical path: about 1.5 s of a 2-worker launch's 13.7 s on
+    two cores (benchmarks/bench_launch.py measures it). An in-memory run reads its data itself and never asks for a dataset
     shard, so it drops that callback; a streamed run (`datasets=`) keeps every callback. `_create_default_callbacks`
     is Ray's own hook for its defaults (private; constraints.txt pins Ray, and tests/test_train_ray.py fails if the
     actor comes back or the name moves)."""
