@@ -6,12 +6,12 @@ import socket
 import pytest
 
 from gan_ray.cluster import ingress as serve_ingress
-from gan_ray.cluster.ingress import PICKED_ENV, PORT_DEFAULTS, apply_to_local_cluster, ingress_env
+from gan_ray.cluster.ingress import PICKED_ENV, SERVE_PORTS, apply_to_local_cluster, ingress_env
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in [*PORT_DEFAULTS, PICKED_ENV, "RAY_SERVE_ENABLE_HA_PROXY", serve_ingress.MODE_ENV,
+    for key in [*SERVE_PORTS, PICKED_ENV, "RAY_SERVE_ENABLE_HA_PROXY", serve_ingress.MODE_ENV,
                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]:
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
@@ -21,19 +21,20 @@ def test_haproxy_env_turns_it_on_with_a_short_local_drain(clean_env):
     env = ingress_env("haproxy")
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 5
-    assert set(PORT_DEFAULTS) <= set(env) and set(env[PICKED_ENV].split(",")) == set(PORT_DEFAULTS)
+    assert set(SERVE_PORTS) <= set(env) and set(env[PICKED_ENV].split(",")) == set(SERVE_PORTS)
     assert ingress_env("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     with pytest.raises(ValueError, match="unknown ingress"):
         ingress_env("nginx")
 
 
-def test_a_taken_default_port_is_replaced_by_a_free_one(clean_env):
-    with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))
-        port = taken.getsockname()[1]
-        clean_env.setattr(serve_ingress, "PORT_DEFAULTS", {"RAY_SERVE_HAPROXY_STATS_PORT": port})
-        chosen = int(ingress_env("haproxy")["RAY_SERVE_HAPROXY_STATS_PORT"])
-    assert chosen != port and chosen > 0
+def test_ports_are_four_free_ones_never_ray_s_fixed_defaults(clean_env):
+    # Ray's defaults are free on this machine now; a second cluster started before the first one serves would
+    # find them free too, and the two HAProxys would collide on them.
+    ports = [int(ingress_env("haproxy")[key]) for key in SERVE_PORTS]
+    assert len(set(ports)) == 4 and not set(ports) & {8500, 9500, 8404, 9101}
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", ports[2]))  # free: nothing holds it
 
 
 def test_user_ports_are_kept_but_inherited_picks_are_redone(clean_env):

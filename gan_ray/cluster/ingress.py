@@ -12,15 +12,15 @@ manifests set `RAY_SERVE_ENABLE_HA_PROXY=1`). Joining an existing cluster keeps 
 
 HAProxy's side ports (stats 8404, Prometheus metrics 9101) are bound on every interface by Ray's config
 template. A cluster gan-ray starts binds them on 127.0.0.1 instead (`GAN_RAY_HAPROXY_SIDE_HOST` to change it), via
-a worker setup hook that edits the template in Serve's own processes, and takes free ports when the defaults are
-busy, so two local deployments on one machine coexist and a laptop exposes nothing it was not asked to.
+a worker setup hook that edits the template in Serve's own processes, and takes ports the OS says are free, so two
+local deployments on one machine coexist and a laptop exposes nothing it was not asked to.
 """
 from __future__ import annotations
 
 import os
 import shutil
 
-from gan_ray.cluster.processes import port_or_free
+from gan_ray.cluster.processes import free_port
 
 MODES = ("haproxy", "proxy")
 MODE_ENV = "GAN_RAY_SERVE_INGRESS"  # haproxy | proxy, for clusters gan-ray starts itself
@@ -30,9 +30,12 @@ MODE_ENV = "GAN_RAY_SERVE_INGRESS"  # haproxy | proxy, for clusters gan-ray star
 LOCAL_DRAIN_S = "3"
 # Fixed ports that Serve's HAProxy mode binds on every node (fallback proxy, HAProxy stats and metrics). Two
 # local clusters on one machine (a test session and a `gan-ray serve`, say) would collide on them, so a local
-# cluster takes the default if it is free and any free port otherwise.
-PORT_DEFAULTS = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500,
-                 "RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+# cluster takes free ports the OS picks. Not "the default if it is free": a port is bound only once Serve starts,
+# so two clusters started before either serves both found the default free and the second one's HAProxy
+# crash-looped (seen with two test sessions side by side).
+# (Ray's defaults: 8500, 9500, 8404, 9101.)
+SERVE_PORTS = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+               "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 # Names the ports this module picked, so a child process (which inherits them) picks its own instead of taking
 # them for the user's choice and colliding with its parent's cluster.
 PICKED_ENV = "GAN_RAY_SERVE_PICKED_PORTS"
@@ -74,11 +77,11 @@ def ingress_env(mode: str) -> dict[str, str]:
            # The k8s manifests keep Ray's default.
            "RAY_SERVE_HAPROXY_METRICS_ENABLED": os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED", "0")}
     picked = set(os.environ.get(PICKED_ENV, "").split(","))
-    ours = [key for key in PORT_DEFAULTS if key in picked or not os.environ.get(key)]
-    env.update({key: os.environ[key] for key in PORT_DEFAULTS if key not in ours})
+    ours = [key for key in SERVE_PORTS if key in picked or not os.environ.get(key)]
+    env.update({key: os.environ[key] for key in SERVE_PORTS if key not in ours})
     side = os.environ.get(SIDE_HOST_ENV, "127.0.0.1")
-    env.update({key: str(port_or_free(PORT_DEFAULTS[key], side if key in SIDE_PORTS else "0.0.0.0"))
-                for key in ours})
+    chosen: set[int] = set()  # four different ports
+    env.update({key: str(free_port(side if key in SIDE_PORTS else "0.0.0.0", avoid=chosen)) for key in ours})
     env[PICKED_ENV] = ",".join(ours)
     return env
 
