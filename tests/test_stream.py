@@ -1,6 +1,7 @@
-"""Prepared datasets on the session's Ray cluster: `prepare` as Ray Data work, then a Ray Train run that streams it
-(every rank the same number of steps each epoch, the quality metrics scored against the prepared held-out sample).
-The rest of the matrix (object storage, resume, a lost worker, a Tune trial) is in tests/test_stream_e2e.py."""
+"""Prepared datasets on the session's Ray cluster: `prepare` as Ray Data work (a corrupt image named or skipped, in
+`make test`), then a Ray Train run that streams it (every rank the same number of steps each epoch, the quality
+metrics scored against the prepared held-out sample; in `make test-e2e`, with the rest of the matrix in
+tests/test_stream_e2e.py: object storage, resume, a lost worker, a Tune trial)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from gan_ray.train.prepare import PrepareSettings, prepare
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.e2e
 def test_prepare_then_stream_digits_on_two_workers(ray_cluster, tmp_path):
     dest = str(tmp_path / "digits")
     result = prepare("digits", PrepareSettings(out=dest, shard_mb=0.25))  # ~330 images per shard: 6 shards
