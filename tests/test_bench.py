@@ -171,3 +171,19 @@ def test_scale_benchmark_times_each_arch_and_side_beside_its_all_reduce(capsys):
         assert r["peak_mb"] > r["step_mb"] >= 0
     resnet32, resnet128 = rows[0], rows[1]
     assert resnet128["params_g"] > resnet32["params_g"]  # more stages at 128 px
+
+
+def test_precision_benchmark_times_a_recipe_in_fp32_and_bf16_side_by_side(capsys):
+    """benchmarks/bench_precision.py, smallest real run: the recipe's own networks and batch, the plain fp32 step
+    against the bf16 fast path, with their ratio (no bar on it: CI's CPU may lack bf16 units)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        bench_precision = importlib.import_module("bench_precision")
+        assert bench_precision.main(["--recipes", "stacked-mnist", "--rounds", "1", "--cycles", "1", "--json"]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["recipe"], row["arch"], row["shape"], row["batch"]) == ("stacked-mnist", "dcgan", [3, 28, 28], 32)
+    assert row["fp32_ms"] > 0 and row["bf16_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["fp32_ms"] / row["bf16_ms"])
+    assert row["bf16_images_per_s"] == pytest.approx(32 / row["bf16_ms"] * 1e3)
