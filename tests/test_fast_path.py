@@ -198,6 +198,25 @@ def test_bf16_dcgan_on_cpu_runs_the_regularised_step_in_bf16_channels_last():
     assert all(torch.isfinite(p).all() for p in list(fast.G.parameters()) + list(fast.D.parameters()))
 
 
+def test_channels_last_weights_get_gradients_in_their_own_strides():
+    """DDP copies a gradient whose strides differ from its parameter's into its bucket, with a warning, every step.
+    On grey images D's first convolution reads a single channel, where channels_last and the default layout are
+    one order with different strides, and the R1/R2 pass (fp32, outside autocast) gives its weight a gradient in
+    the default strides: that weight keeps the default, so that every gradient of the regularised step in bf16 on
+    a CPU (as the recipes run it) has its weight's strides."""
+    spec = ModelSpec("dcgan", 32, (1, 28, 28), 10, g_width=16, d_width=16)
+    fast_path = resolve("bf16", "auto", False, arch="dcgan", device="cpu")
+    state = new_state(spec, fast=fast_path, loss="rpgan", r1_gamma=0.2, r2_gamma=0.2, reg_every=1)
+    out = run_steps(state, make_step_fn(state, fast_path), batches(spec, 1, 8))
+    assert {"r1", "r2", "loss_g"} <= set(out[0]), "one step with the penalties and a G update"
+    params = [(n, p) for net in (state.G, state.D) for n, p in net.named_parameters()]
+    convs = [(n, p) for n, p in params if p.dim() == 4]
+    assert any(p.shape[1] == 1 for _, p in convs), "a single-channel weight is there to check"
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for n, p in convs if p.shape[1] > 1)
+    mismatched = [(n, p.stride(), p.grad.stride()) for n, p in params if p.grad.stride() != p.stride()]
+    assert not mismatched, mismatched
+
+
 def _mean_image_gap(state, real_mean: torch.Tensor) -> float:
     with torch.no_grad():
         gen = state.sampler(torch.randn(512, state.spec.latent_dim, generator=torch.Generator().manual_seed(9)))

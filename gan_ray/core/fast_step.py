@@ -28,7 +28,7 @@ from torch import nn
 
 from gan_ray.core.config import graph_mode
 from gan_ray.core.errors import UserError
-from gan_ray.core.step import GANState, StepNets, d_update, ema_beta, ema_lerp, g_update, train_step, unwrap
+from gan_ray.core.step import GANState, StepNets, d_update, ema_beta, ema_lerp, g_update, to_channels_last, train_step, unwrap
 
 CONCRETE_PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -114,7 +114,7 @@ def resolve_for(cfg, device: torch.device | str, world_size: int) -> FastPath:
 
 def prepare_module(module: nn.Module, fast: FastPath) -> nn.Module:
     """Memory layout before DDP wraps the module (DDP's buckets follow the parameters' layout)."""
-    return module.to(memory_format=torch.channels_last) if fast.channels_last else module
+    return to_channels_last(module) if fast.channels_last else module
 
 
 def apply_backend_flags(fast: FastPath, device: torch.device | str) -> None:

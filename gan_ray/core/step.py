@@ -102,6 +102,20 @@ def spec_for(cfg: TrainConfig, image_shape: tuple[int, int, int], num_classes: i
                      cfg.spectral_norm, cfg.g_width, cfg.d_width, aux_classifier=cfg.aux_weight > 0)
 
 
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """The module with NHWC weights (the layout cuDNN's and oneDNN's fast convolutions want), except a convolution
+    that reads a single channel (D's first on grey images): both layouts hold its weight in the same order, but the
+    R1/R2 pass gives its gradient the default strides (measured on CPUs), and DDP would warn and copy that gradient
+    into its bucket on every step."""
+    module = module.to(memory_format=torch.channels_last)
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and m.in_channels == 1:
+            for p in m.parameters():
+                if p.dim() == 4:
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return module
+
+
 def build_state(cfg: TrainConfig, spec: ModelSpec, device: torch.device | str, world_size: int = 1,
                 wrap: Callable[[nn.Module], nn.Module] = lambda m: m, *, channels_last: bool = False,
                 capturable: bool = False) -> GANState:
@@ -112,7 +126,7 @@ def build_state(cfg: TrainConfig, spec: ModelSpec, device: torch.device | str, w
     torch.manual_seed(cfg.seed)
     G, D = build(spec)
     if channels_last:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        G, D = to_channels_last(G), to_channels_last(D)
     G, D = wrap(G.to(device)), wrap(D.to(device))
     return make_state(spec, G, D, lr_g=cfg.lr_g, lr_d=cfg.lr_d, beta1=cfg.beta1, beta2=cfg.beta2, loss=cfg.loss,
                       d_steps=cfg.d_steps, ema=cfg.ema, ema_halflife_kimg=cfg.ema_halflife_kimg,
