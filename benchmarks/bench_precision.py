@@ -85,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r))
         return 0
     units = "has bf16 units (AMX / AVX512-BF16)" if cpu_has_bf16_units() else "has no bf16 units: bf16 is emulated"
-    print(f"one training step of a CPU worker (1 thread), fp32 eager (baseline) vs bf16 fast path; this CPU {units}")
-    print(f"{'recipe':<15}{'batch':>6}{'fp32 ms':>9}{'bf16 ms':>9}{'fp32 img/s':>12}{'bf16 img/s':>12}{'bf16/fp32':>11}")
+    print(f"one training step of a CPU worker (1 thread), fp32 eager (baseline) vs bf16 fast path; "
+          f"this CPU {units}")
+    print(f"{'recipe':<15}{'batch':>6}{'fp32 ms':>9}{'bf16 ms':>9}{'fp32 img/s':>12}{'bf16 img/s':>12}"
+          f"{'bf16/fp32':>11}")
     for r in rows:
-        print(f"{r['recipe']:<15}{r['batch']:>6}{r['fp32_ms']:>9.1f}{r['bf16_ms']:>9.1f}{r['fp32_images_per_s']:>12.0f}"
-              f"{r['bf16_images_per_s']:>12.0f}{r['speedup']:>10.2f}x")
+        print(f"{r['recipe']:<15}{r['batch']:>6}{r['fp32_ms']:>9.1f}{r['bf16_ms']:>9.1f}"
+              f"{r['fp32_images_per_s']:>12.0f}{r['bf16_images_per_s']:>12.0f}{r['speedup']:>10.2f}x")
     return 0
 
 
