@@ -13,6 +13,7 @@ from tests.conftest import assert_one_line_error, cli, run_cli
     (["--arch", "vit"], "unknown --arch 'vit'; choose one of mlp, seed, dcgan"),
     (["--lr-g", "0"], "--lr-g must be positive"),
     (["--lr-d=-1e-4"], "--lr-d must be positive"),
+    (["--lr-final", "1.5"], "--lr-final must be at most 1, got 1.5"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--epochs", "abc"], "--epochs expects int, got 'abc'"),
     (["--name", "a/b"], "--name must be a plain directory name"),

@@ -259,8 +259,8 @@ def test_the_cuda_graph_is_refused_with_a_stabiliser():
         TrainConfig(r1_gamma=1, cuda_graph="on", gpus_per_worker=1, workers=1)
     from gan_ray.core.fast_step import resolve_for
 
-    cfg = TrainConfig(augment="cutout", spectral_norm=True, r1_gamma=0)
-    assert cfg.eager_only_settings() == ("--augment", "--spectral-norm")
+    cfg = TrainConfig(augment="cutout", spectral_norm=True, r1_gamma=0, lr_final=0.5)
+    assert cfg.eager_only_settings() == ("--augment", "--spectral-norm", "--lr-final")
     assert not resolve_for(cfg, "cpu", 1).cuda_graph
 
 

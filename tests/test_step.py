@@ -206,3 +206,22 @@ def test_a_long_epoch_prints_progress_lines_and_a_short_one_none(monkeypatch):
     streamed = epoch_module.ProgressLine(1, 1, steps=None, images_per_step=64, interval_s=30, write=lines.append)
     streamed(600)  # 120 s after its start: a stream's step count is not known ahead
     assert lines[-1] == "epoch 1/1: step 600, 320 img/s"
+
+
+def test_the_learning_rate_schedule_runs_a_half_cosine_from_the_base_to_lr_final():
+    """--lr-final f: epoch 1 trains at the base rates, the last at f times them, the middle at (1 + f) / 2, falling
+    all the way; f = 1 (the default) and one-epoch runs keep the rates constant."""
+    from gan_ray.core.config import TrainConfig
+    from gan_ray.core.step import build_state, lr_factor, set_learning_rates, spec_for
+
+    factors = [lr_factor(e, 9, 0.2) for e in range(1, 10)]
+    assert factors[0] == 1 and factors[-1] == pytest.approx(0.2) and factors[4] == pytest.approx(0.6)
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert lr_factor(12, 9, 0.2) == pytest.approx(0.2)  # past the end (a resumed run's extra epochs): held
+    assert {lr_factor(e, 9, 1.0) for e in range(1, 10)} == {1.0} and lr_factor(1, 1, 0.2) == 1.0
+    cfg = TrainConfig(arch="mlp", lr_g=3e-4, lr_d=1e-4)
+    state = build_state(cfg, spec_for(cfg, (1, 8, 8), 0), "cpu")
+    state.opt_d.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
+    set_learning_rates(state, cfg.lr_g, cfg.lr_d, 0.5)
+    assert [g["lr"] for g in state.opt_g.param_groups] == [1.5e-4]
+    assert [g["lr"] for g in state.opt_d.param_groups] == [5e-5, 5e-5]

@@ -37,7 +37,7 @@ def storage(tmp_path_factory):
 
 
 def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster, storage):
-    cfg = small_config(storage, "resume", **DCGAN)
+    cfg = small_config(storage, "resume", lr_final=0.5, **DCGAN)
     managers = len(_actors("DatasetManager", alive_only=False))
     result = fit(cfg, progress=False)
     assert result.error is None
@@ -52,6 +52,9 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
         assert r["images_per_s"] > 0 and 0 < r["d_real"] < 1
     # 1527 images / 2 workers / 32 per batch = 23 steps per worker per epoch, counted once (rank 0's view)
     assert rows[-1]["step"] == 3 * 23 and rows[-1]["images_seen"] == 3 * 23 * 32 * 2
+    # --lr-final 0.5: both rates at 1, 0.75 and 0.5 of their base (the cosine's ends and middle)
+    for key in ("lr_g", "lr_d"):
+        assert [r[key] for r in rows] == pytest.approx([2e-4, 1.5e-4, 1e-4]), key
     assert sorted(p.name for p in (run / "samples").iterdir()) == [f"epoch_000{i}.png" for i in (1, 2, 3)]
     ckpts = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2, "epochs 2 and 3 (the end)"
@@ -76,10 +79,13 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
     assert tags["steps"] == {1, 2, 3} and "samples" in tags["images"]
 
     # Same name, more epochs: continues from epoch 3's checkpoint.
-    cfg5 = small_config(storage, "resume", epochs=5, **DCGAN)
+    cfg5 = small_config(storage, "resume", epochs=5, lr_final=0.5, **DCGAN)
     fit(cfg5, progress=False)
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    # the schedule is the resumed run's, over its 5 epochs: epoch 4 at 1/2 + 1/4 cos(3 pi / 4)
+    assert rows[3]["lr_g"] == pytest.approx(2e-4 * 0.5732233, rel=1e-6)
+    assert rows[4]["lr_g"] == rows[4]["lr_d"] == pytest.approx(1e-4)
     assert rows[3]["restored_from"] == 3 and rows[3]["step"] == 4 * 23
     assert finished_epochs(run) == 5
     kept = [p for p in run.glob("checkpoint_*") if p.is_dir()]

@@ -98,6 +98,8 @@ class TrainConfig(Settings):
     optimizer: Literal["adam", "rmsprop"] = _opt("adam", "optimiser of both networks")
     lr_g: float = _opt(2e-4, "generator learning rate", gt=0)
     lr_d: float = _opt(2e-4, "discriminator learning rate", gt=0)
+    lr_final: float = _opt(1.0, "learning rates in the last epoch as a fraction of --lr-g and --lr-d, reached "
+                           "along a cosine over the run's epochs (1 = constant)", gt=0, le=1)
     beta1: Beta = _opt(0.5, "Adam beta1 (RMSprop: momentum) of G, and of D unless --beta1-d")
     beta2: Beta = _opt(0.999, "Adam beta2 (RMSprop: squared-gradient decay) of G, and of D unless --beta2-d")
     beta1_d: Optional[Beta] = _opt(None, "D's own beta1 / momentum (default: --beta1)")
@@ -175,7 +177,8 @@ class TrainConfig(Settings):
         out = [flag for flag, on in (("--r1-gamma", self.r1_gamma), ("--r2-gamma", self.r2_gamma),
                                      ("--augment", self.augment not in ("", "none")),
                                      ("--spectral-norm", self.spectral_norm),
-                                     ("--aux-weight", self.aux_weight)) if on]
+                                     ("--aux-weight", self.aux_weight),
+                                     ("--lr-final", self.lr_final < 1)) if on]
         if self.optimizer != "adam":
             out.append(f"--optimizer {self.optimizer}")
         return tuple(out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -133,6 +134,25 @@ def build_state(cfg: TrainConfig, spec: ModelSpec, device: torch.device | str, w
                       world_size=world_size, capturable=capturable, optimizer=cfg.optimizer,
                       beta1_d=cfg.beta1_d, beta2_d=cfg.beta2_d, r1_gamma=cfg.r1_gamma, r2_gamma=cfg.r2_gamma,
                       reg_every=cfg.r1_every, augment=parse_policy(cfg.augment), aux_weight=cfg.aux_weight)
+
+
+def lr_factor(epoch: int, epochs: int, final: float) -> float:
+    """The learning rates' multiplier in `epoch` (1-based) of `epochs`: 1 in the first, `final` in the last, along a
+    half cosine between. GANs trained at a constant rate end on a noisy iterate; decaying the rate over the run
+    (R3GAN's schedule decays its learning rate along a cosine as well) lets the last epochs settle the strokes.
+    Per epoch, not per step: a function of the epoch alone, so a resumed or recovered run, a PBT exploit (whose
+    trial brings its own base rates) and a fresh run agree."""
+    if final >= 1 or epochs <= 1:
+        return 1.0
+    t = (min(max(epoch, 1), epochs) - 1) / (epochs - 1)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def set_learning_rates(state: GANState, lr_g: float, lr_d: float, factor: float = 1.0) -> None:
+    """Both optimisers' rates: the base rates times the schedule's `factor` (every parameter group)."""
+    for opt, lr in ((state.opt_g, lr_g), (state.opt_d, lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
 
 
 def make_optimizer(params, kind: str, lr: float, beta1: float, beta2: float,

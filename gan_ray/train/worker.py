@@ -26,7 +26,8 @@ from gan_ray.core.images import grid_png
 from gan_ray.core.locations import is_remote, join, upload_dir, write_bytes
 from gan_ray.core.models import ModelSpec
 from gan_ray.core.run_dir import METRICS_FILE, append_metrics, truncate_metrics
-from gan_ray.core.step import GANState, build_state, eval_mode, latent_for_seed, spec_for
+from gan_ray.core.step import (GANState, build_state, eval_mode, latent_for_seed, lr_factor, set_learning_rates,
+                               spec_for)
 from gan_ray.train.gpu_check import check_gpu_worker
 
 # Hooks run on rank 0 at checkpoint (and --eval-every) epochs: (cfg, state, epoch, device) -> extra metrics, merged
@@ -219,22 +220,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with restored.as_directory() as d:
             _, sd = ckpt_io.load(d)  # on the CPU: load_state_dict copies to the device (RNG states must stay)
             start_epoch = ckpt_io.load_state_dict(state, sd) + 1
-        # The config's learning rates win over the ones saved with the optimiser state: a no-op on a plain resume,
-        # and after an exploit the trial trains on with its own (mutated) rates and the donor's Adam moments.
-        for opt, lr in ((state.opt_g, cfg.lr_g), (state.opt_d, cfg.lr_d)):
-            for group in opt.param_groups:
-                group["lr"] = lr
     if rank == 0:
         truncate_metrics(join(run_dir, METRICS_FILE), start_epoch - 1)  # rows after the checkpoint are replayed
     z_fixed, labels_fixed = fixed_noise(spec, cfg.seed)
     # Marks the first epoch after a restore (resume, or recovery from a lost worker) in metrics.jsonl.
     restored_from = start_epoch - 1 if restored is not None else None
 
+    # The config's rates win over the ones saved with the optimiser state (a no-op on a plain resume): after an
+    # exploit the trial trains on with its own (mutated) rates and the donor's Adam moments. Before a CUDA graph
+    # captures them (a schedule, --lr-final, runs eagerly and sets them again every epoch).
+    set_learning_rates(state, cfg.lr_g, cfg.lr_d, lr_factor(start_epoch, cfg.epochs, cfg.lr_final))
     step_fn = make_step_fn(state, fast)  # after the restore: a CUDA graph captures the restored tensors
     board = TensorBoard(run_dir, start_epoch) if rank == 0 else None
     watch = CollapseWatch()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.time()
+        set_learning_rates(state, cfg.lr_g, cfg.lr_d, lr_factor(epoch, cfg.epochs, cfg.lr_final))  # --lr-final
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         progress = ProgressLine(epoch, cfg.epochs, None if stream is not None else
                                 steps_per_epoch(len(data), world, cfg.batch_size),
@@ -246,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             res = run_epoch(state, data, epoch=epoch, rank=rank, world_size=world, batch_size=cfg.batch_size,
                             seed=cfg.seed, step_fn=step_fn, progress=progress)
         metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "images_seen": state.images_seen,
+                                   "lr_g": state.opt_g.param_groups[0]["lr"], "lr_d": state.opt_d.param_groups[0]["lr"],
                                    **_all_reduce_epoch(res, world, device)}
         if stream is not None:  # each rank's steps: equal by construction (streaming_split(equal=True), full batches)
             metrics["rank_steps"] = [int(s) for s in _gather(res.steps, world)]
