@@ -216,6 +216,7 @@ def test_the_learning_rate_schedule_runs_a_half_cosine_from_the_base_to_lr_final
 
     factors = [lr_factor(e, 9, 0.2) for e in range(1, 10)]
     assert factors[0] == 1 and factors[-1] == pytest.approx(0.2) and factors[4] == pytest.approx(0.6)
+    assert factors[2] == pytest.approx(0.2 + 0.4 * (1 + 2 ** -0.5))  # a quarter of the way: the cosine, not a line
     assert all(a > b for a, b in zip(factors, factors[1:]))
     assert lr_factor(12, 9, 0.2) == pytest.approx(0.2)  # past the end (a resumed run's extra epochs): held
     assert {lr_factor(e, 9, 1.0) for e in range(1, 10)} == {1.0} and lr_factor(1, 1, 0.2) == 1.0
