@@ -210,7 +210,8 @@ def test_a_long_epoch_prints_progress_lines_and_a_short_one_none(monkeypatch):
 
 def test_the_learning_rate_schedule_runs_a_half_cosine_from_the_base_to_lr_final():
     """--lr-final f: epoch 1 trains at the base rates, the last at f times them, the middle at (1 + f) / 2, falling
-    all the way; f = 1 (the default) and one-epoch runs keep the rates constant."""
+    all the way; f = 1 (the default) and one-epoch runs keep the rates constant; --lr-decay-epochs N holds the rates
+    until the last N epochs."""
     from gan_ray.core.config import TrainConfig
     from gan_ray.core.step import build_state, lr_factor, set_learning_rates, spec_for
 
@@ -220,6 +221,10 @@ def test_the_learning_rate_schedule_runs_a_half_cosine_from_the_base_to_lr_final
     assert all(a > b for a, b in zip(factors, factors[1:]))
     assert lr_factor(12, 9, 0.2) == pytest.approx(0.2)  # past the end (a resumed run's extra epochs): held
     assert {lr_factor(e, 9, 1.0) for e in range(1, 10)} == {1.0} and lr_factor(1, 1, 0.2) == 1.0
+    # --lr-decay-epochs 5: constant until the last 5 epochs, which run the same cosine (here of 9 epochs' span 5)
+    assert [lr_factor(e, 9, 0.2, span=5) for e in range(1, 10)] == pytest.approx(
+        [1, 1, 1, 1, 1, 0.2 + 0.4 * (1 + 2 ** -0.5), 0.6, 0.2 + 0.4 * (1 - 2 ** -0.5), 0.2])
+    assert lr_factor(5, 9, 0.2, span=20) == lr_factor(5, 9, 0.2)  # a span past the run's start: the whole run
     cfg = TrainConfig(arch="mlp", lr_g=3e-4, lr_d=1e-4)
     state = build_state(cfg, spec_for(cfg, (1, 8, 8), 0), "cpu")
     state.opt_d.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})

@@ -136,16 +136,18 @@ def build_state(cfg: TrainConfig, spec: ModelSpec, device: torch.device | str, w
                       reg_every=cfg.r1_every, augment=parse_policy(cfg.augment), aux_weight=cfg.aux_weight)
 
 
-def lr_factor(epoch: int, epochs: int, final: float) -> float:
-    """The learning rates' multiplier in `epoch` (1-based) of `epochs`: 1 in the first, `final` in the last, along a
-    half cosine between. GANs trained at a constant rate end on a noisy iterate; decaying the rate over the run
-    (R3GAN's schedule decays its learning rate along a cosine as well) lets the last epochs settle the strokes.
-    Per epoch, not per step: a function of the epoch alone, so a resumed or recovered run, a PBT exploit (whose
-    trial brings its own base rates) and a fresh run agree."""
-    if final >= 1 or epochs <= 1:
+def lr_factor(epoch: int, epochs: int, final: float, span: int = 0) -> float:
+    """The learning rates' multiplier in `epoch` (1-based) of `epochs`: 1 until the last `span` epochs (0: the whole
+    run) begin, then along a half cosine to `final` in the last epoch. GANs trained at a constant rate end on a noisy
+    iterate; decaying the rate at the end (R3GAN decays its rate along a cosine as well) lets the last epochs settle
+    the strokes, and holding it until then keeps a run that is still learning at full speed. Per epoch, not per
+    step: a function of the epoch alone, so a resumed or recovered run, a PBT exploit (whose trial brings its own
+    base rates) and a fresh run agree."""
+    span = epochs if span <= 0 else min(span, epochs)
+    if final >= 1 or span <= 1:
         return 1.0
-    t = (min(max(epoch, 1), epochs) - 1) / (epochs - 1)
-    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+    t = (min(max(epoch, 1), epochs) - (epochs - span) - 1) / (span - 1)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * max(t, 0.0)))
 
 
 def set_learning_rates(state: GANState, lr_g: float, lr_d: float, factor: float = 1.0) -> None:

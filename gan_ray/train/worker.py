@@ -229,13 +229,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The config's rates win over the ones saved with the optimiser state (a no-op on a plain resume): after an
     # exploit the trial trains on with its own (mutated) rates and the donor's Adam moments. Before a CUDA graph
     # captures them (a schedule, --lr-final, runs eagerly and sets them again every epoch).
-    set_learning_rates(state, cfg.lr_g, cfg.lr_d, lr_factor(start_epoch, cfg.epochs, cfg.lr_final))
+    set_learning_rates(state, cfg.lr_g, cfg.lr_d, lr_factor(start_epoch, cfg.epochs, cfg.lr_final, cfg.lr_decay_epochs))
     step_fn = make_step_fn(state, fast)  # after the restore: a CUDA graph captures the restored tensors
     board = TensorBoard(run_dir, start_epoch) if rank == 0 else None
     watch = CollapseWatch()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.time()
-        set_learning_rates(state, cfg.lr_g, cfg.lr_d, lr_factor(epoch, cfg.epochs, cfg.lr_final))  # --lr-final
+        set_learning_rates(state, cfg.lr_g, cfg.lr_d, lr_factor(epoch, cfg.epochs, cfg.lr_final, cfg.lr_decay_epochs))
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         progress = ProgressLine(epoch, cfg.epochs, None if stream is not None else
                                 steps_per_epoch(len(data), world, cfg.batch_size),
