@@ -225,9 +225,9 @@ def test_the_learning_rate_schedule_runs_a_half_cosine_from_the_base_to_lr_final
     assert [lr_factor(e, 9, 0.2, span=5) for e in range(1, 10)] == pytest.approx(
         [1, 1, 1, 1, 1, 0.2 + 0.4 * (1 + 2 ** -0.5), 0.6, 0.2 + 0.4 * (1 - 2 ** -0.5), 0.2])
     assert lr_factor(5, 9, 0.2, span=20) == lr_factor(5, 9, 0.2)  # a span past the run's start: the whole run
-    cfg = TrainConfig(arch="mlp", lr_g=3e-4, lr_d=1e-4)
+    cfg = TrainConfig(arch="mlp", lr_g=3e-4, lr_d=1e-4, lr_final=0.5, epochs=3)
     state = build_state(cfg, spec_for(cfg, (1, 8, 8), 0), "cpu")
     state.opt_d.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
-    set_learning_rates(state, cfg.lr_g, cfg.lr_d, 0.5)
+    set_learning_rates(state, cfg, 3)
     assert [g["lr"] for g in state.opt_g.param_groups] == [1.5e-4]
     assert [g["lr"] for g in state.opt_d.param_groups] == [5e-5, 5e-5]

@@ -99,7 +99,8 @@ class TrainConfig(Settings):
     lr_g: float = _opt(2e-4, "generator learning rate", gt=0)
     lr_d: float = _opt(2e-4, "discriminator learning rate", gt=0)
     lr_final: float = _opt(1.0, "learning rates in the last epoch as a fraction of --lr-g and --lr-d, reached "
-                           "along a cosine over the run's epochs (1 = constant)", gt=0, le=1)
+                           "along a cosine over the run's epochs or its last --lr-decay-epochs (1 = constant)",
+                           gt=0, le=1)
     lr_decay_epochs: int = _opt(0, "--lr-final's cosine spans the run's last N epochs, the rates constant before "
                                 "(0 = the whole run)", ge=0)
     beta1: Beta = _opt(0.5, "Adam beta1 (RMSprop: momentum) of G, and of D unless --beta1-d")

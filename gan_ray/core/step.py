@@ -150,9 +150,11 @@ def lr_factor(epoch: int, epochs: int, final: float, span: int = 0) -> float:
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * max(t, 0.0)))
 
 
-def set_learning_rates(state: GANState, lr_g: float, lr_d: float, factor: float = 1.0) -> None:
-    """Both optimisers' rates: the base rates times the schedule's `factor` (every parameter group)."""
-    for opt, lr in ((state.opt_g, lr_g), (state.opt_d, lr_d)):
+def set_learning_rates(state: GANState, cfg: TrainConfig, epoch: int) -> None:
+    """Both optimisers' rates for `epoch` (every parameter group): the config's base rates times the schedule's
+    factor (`lr_factor`). The config's win over the ones saved with a restored optimiser."""
+    factor = lr_factor(epoch, cfg.epochs, cfg.lr_final, cfg.lr_decay_epochs)
+    for opt, lr in ((state.opt_g, cfg.lr_g), (state.opt_d, cfg.lr_d)):
         for group in opt.param_groups:
             group["lr"] = lr * factor
 

@@ -26,8 +26,7 @@ from gan_ray.core.images import grid_png
 from gan_ray.core.locations import is_remote, join, upload_dir, write_bytes
 from gan_ray.core.models import ModelSpec
 from gan_ray.core.run_dir import METRICS_FILE, append_metrics, truncate_metrics
-from gan_ray.core.step import (GANState, build_state, eval_mode, latent_for_seed, lr_factor, set_learning_rates,
-                               spec_for)
+from gan_ray.core.step import GANState, build_state, eval_mode, latent_for_seed, set_learning_rates, spec_for
 from gan_ray.train.gpu_check import check_gpu_worker
 
 # Hooks run on rank 0 at checkpoint (and --eval-every) epochs: (cfg, state, epoch, device) -> extra metrics, merged
@@ -229,13 +228,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The config's rates win over the ones saved with the optimiser state (a no-op on a plain resume): after an
     # exploit the trial trains on with its own (mutated) rates and the donor's Adam moments. Before a CUDA graph
     # captures them (a schedule, --lr-final, runs eagerly and sets them again every epoch).
-    set_learning_rates(state, cfg.lr_g, cfg.lr_d, lr_factor(start_epoch, cfg.epochs, cfg.lr_final, cfg.lr_decay_epochs))
+    set_learning_rates(state, cfg, start_epoch)
     step_fn = make_step_fn(state, fast)  # after the restore: a CUDA graph captures the restored tensors
     board = TensorBoard(run_dir, start_epoch) if rank == 0 else None
     watch = CollapseWatch()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.time()
-        set_learning_rates(state, cfg.lr_g, cfg.lr_d, lr_factor(epoch, cfg.epochs, cfg.lr_final, cfg.lr_decay_epochs))
+        set_learning_rates(state, cfg, epoch)  # --lr-final's schedule
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         progress = ProgressLine(epoch, cfg.epochs, None if stream is not None else
                                 steps_per_epoch(len(data), world, cfg.batch_size),
@@ -247,7 +246,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             res = run_epoch(state, data, epoch=epoch, rank=rank, world_size=world, batch_size=cfg.batch_size,
                             seed=cfg.seed, step_fn=step_fn, progress=progress)
         metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "images_seen": state.images_seen,
-                                   "lr_g": state.opt_g.param_groups[0]["lr"], "lr_d": state.opt_d.param_groups[0]["lr"],
+                                   "lr_g": state.opt_g.param_groups[0]["lr"],
+                                   "lr_d": state.opt_d.param_groups[0]["lr"],
                                    **_all_reduce_epoch(res, world, device)}
         if stream is not None:  # each rank's steps: equal by construction (streaming_split(equal=True), full batches)
             metrics["rank_steps"] = [int(s) for s in _gather(res.steps, world)]
