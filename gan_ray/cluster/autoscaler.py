@@ -213,6 +213,14 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
+def announce(bundles: list[Bundle], what: str, print_fn: Callable[[str], None] = say) -> None:
+    """The wait's first line, printed before the autoscaler is asked anything: asking launches the nodes, and its
+    verdict takes a round or more, so by the first progress line the cluster may have grown (or be ready). This
+    line says what the job found."""
+    print_fn(f"[cluster] {what} needs {describe(bundles)}; the cluster has "
+             f"{holdings(node_resources(), keys_of(bundles))}: asking its autoscaler")
+
+
 def wait_for_resources(bundles: list[Bundle], what: str, *, timeout_s: float, hold: list[Bundle] | None = None,
                        scaler: Autoscaler | None = None, checked: bool = False, print_fn: Callable[[str], None] = say) -> None:
     """Return once the cluster's nodes can hold `bundles` (a job's placement group, `what` in messages).
@@ -231,6 +239,8 @@ def wait_for_resources(bundles: list[Bundle], what: str, *, timeout_s: float, ho
     if scaler is None:
         raise UserError(cannot_hold(bundles, what, node_resources()))
     keys = keys_of(bundles)
+    if not checked:
+        announce(bundles, what, print_fn)
     with scaler.requesting():
         if not checked and not scaler.can_hold(bundles):
             raise UserError(never_fits(bundles, what))

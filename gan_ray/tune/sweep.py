@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gan_ray.cluster.autoscaler import Autoscaler, never_fits, wait_for_resources, wait_seconds
+from gan_ray.cluster.autoscaler import Autoscaler, announce, never_fits, wait_for_resources, wait_seconds
 from gan_ray.cluster.connect import ensure_ray
 from gan_ray.cluster.resources import Bundle, cannot_hold, describe, fits_now, how_many, node_resources
 from gan_ray.core.config import TrainConfig
@@ -88,6 +88,7 @@ def plan_concurrency(settings: SweepSettings, *, wait_s: float | None = None) ->
         return resolve_concurrency(settings, node_resources())
     described = describe(trial)
     what = f"one trial (--workers-per-trial {settings.workers_per_trial})"
+    announce(trial, what)
     with scaler.requesting():
         # Each yes launches nodes for what was asked (used by the sweep), so the search only asks for more
         # trials after a smaller count was accepted, and a refused --max-concurrent asks nothing else.
