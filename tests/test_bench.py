@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, own_lines
 
 SUMMARY = ROOT / "benchmarks" / "gpu_summary.py"
 
@@ -31,7 +31,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     from gan_ray.cli import main
 
     assert main(["bench", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("gan-ray bench: error:") and message in err[0], err
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gan_ray.cluster.processes import free_port
-from tests.conftest import RAY_WORKER_PORTS, alive, processes_of
+from tests.conftest import RAY_WORKER_PORTS, alive, own_lines, processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
@@ -324,7 +324,7 @@ def test_submit_rejects_bad_input_in_one_line(args, message, capsys):
 
     assert main(["submit", *args]) == 2
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    lines = own_lines(err)
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("gan-ray"), err
 
 

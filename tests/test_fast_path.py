@@ -24,6 +24,7 @@ from gan_ray.core.epoch import run_epoch
 from gan_ray.core.models import ModelSpec, build
 from gan_ray.core.step import make_state, train_step
 from gan_ray.cluster.processes import free_port
+from tests.conftest import own_lines
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -138,8 +139,8 @@ def test_cli_flags_for_the_fast_path(capsys):
     args = build_parser().parse_args(["train", "--precision", "bf16", "--cuda-graph", "off", "--compile"])
     assert (args.precision, args.cuda_graph, args.compile) == ("bf16", "off", True)
     assert main(["train", "--cuda-graph", "on", "--epochs", "1"]) == 2  # no GPU workers asked for
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "--gpus-per-worker" in err
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "--gpus-per-worker" in err[0], err
 
 
 # ------------------------------------------------------------------------------------ CPU: same training

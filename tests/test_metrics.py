@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import cli
+from tests.conftest import cli, own_lines
 from gan_ray.eval import features, metrics
 from gan_ray.core.data import load_dataset
 
@@ -265,7 +265,8 @@ def test_evaluate_rejects_malformed_samples(tmp_path, capsys, case):
 
     assert main(["evaluate", "--samples", str(malformed_npz(tmp_path, case)), "--json"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("gan-ray evaluate: error:") and len(err.strip().splitlines()) == 1, err
+    lines = own_lines(err)
+    assert not own_lines(out) and len(lines) == 1 and lines[0].startswith("gan-ray evaluate: error:"), err
 
 
 def test_evaluate_samples_json_and_table(cache, ref, tmp_path, train_images, capsys):

@@ -16,6 +16,7 @@ from gan_ray.core import prepared as fmt
 from gan_ray.core.config import TrainConfig
 from gan_ray.core.data import HELDOUT_FRACTION, describe_dataset, load_dataset, resolve_dataset
 from gan_ray.core.errors import UserError
+from tests.conftest import own_lines
 
 
 def write_prepared(dest, n_train=40, n_held=10, shape=(1, 8, 8), classes=("a", "b"), per_shard=16, name="test"):
@@ -47,7 +48,7 @@ def no_ray(monkeypatch):
 
 def run(capsys, *argv):
     code = main(list(argv))
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(own_lines(capsys.readouterr().err))  # the command's lines, not those Ray forwards
     return code, err
 
 

@@ -17,6 +17,7 @@ from gan_ray.core.config import TrainConfig
 from gan_ray.core.errors import UserError
 from gan_ray.core.models import ModelSpec, build, check_image_size
 from gan_ray.core.step import build_state, spec_for, train_step
+from tests.conftest import own_lines
 
 
 @pytest.mark.parametrize("side", resnet.SIDES)
@@ -154,7 +155,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragment):
         Image.new("L", (10, 10), color=i * 50).save(folder / f"{i}.png")
     argv = [a.format(folder=folder, empty=empty) for a in args]
     assert main(["train", "--storage", str(tmp_path / "runs"), "--name", "bad", *argv]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = own_lines(capsys.readouterr().err)
     assert len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / "runs" / "bad").exists()
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gan_ray.core.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import own_lines, run_cli
 
 SPEC_LATENT = 8
 
@@ -261,8 +261,9 @@ def test_evaluate_refuses_empty_samples_and_unusable_labels(tmp_path, capsys, ca
 
     assert main(["evaluate", "--samples", str(bad_samples(tmp_path, case)), "--json"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("gan-ray evaluate: error:") and len(err.strip().splitlines()) == 1, err
-    assert mentions in err
+    lines = own_lines(err)
+    assert not own_lines(out) and len(lines) == 1 and lines[0].startswith("gan-ray evaluate: error:"), err
+    assert mentions in lines[0]
 
 
 def test_evaluate_empty_samples_exit_code(tmp_path):
