@@ -19,6 +19,11 @@ from tests.conftest import assert_one_line_error, cli, run_cli
     (["--name", "a/b"], "--name must be a plain directory name"),
     (["--dataset", "folder:/definitely/not/here"], "no such directory"),
     (["--config", "/definitely/not/here.yaml"], "config file not found"),
+    (["--clusters", "1"], "--clusters 1 is one cluster"),
+    (["--clusters", "10", "--conditional"], "with --conditional it has the dataset's labels already"),
+    (["--clusters", "10", "--latent-dim", "1"], "--latent-dim must be 2 or more"),
+    (["--clusters", "10", "--data-mode", "stream"], "--data-mode stream never holds them all"),
+    (["--clusters", "1001"], "--clusters must be at most 1000"),
 ])
 def test_bad_training_flags(tmp_path, args, fragment):
     r = cli("train", "--storage", tmp_path, "--name", "bad", *args)

@@ -8,8 +8,13 @@ import threading
 import time
 
 import pytest
+import torch
 
+from gan_ray.core import checkpoint as ckpt_io
+from gan_ray.core import clusters
 from gan_ray.core.config import TrainConfig
+from gan_ray.core.data import load_dataset
+from gan_ray.core.model_dir import export, load_generator
 from gan_ray.core.errors import UserError
 from gan_ray.core.run_dir import finished_epochs, latest_checkpoint
 from gan_ray.train.driver import fit
@@ -96,6 +101,43 @@ def test_two_workers_write_metrics_grids_and_checkpoints_then_resume(ray_cluster
     assert len(read_metrics(run / "metrics.jsonl")) == 5
     with pytest.raises(UserError, match="was trained with latent_dim=100; cannot resume it with latent_dim=32"):
         fit(small_config(storage, "resume", epochs=5, latent_dim=32, **DCGAN), progress=False)  # finished, refused
+
+
+def test_clusters_on_two_workers_resume_with_their_centres_and_export_an_unconditional_generator(ray_cluster, storage,
+                                                                                               tmp_path):
+    """--clusters: the run's k-means centres and cluster shares travel in its checkpoints (a resume assigns with
+    the same centres), and the exported generator samples without labels, clusters picked by z."""
+    cfg = small_config(storage, "clusters", clusters=10, latent_dim=16, epochs=1, checkpoint_every=1, **DCGAN)
+    assert fit(cfg, quality=False, progress=False).error is None
+    first = latest_checkpoint(cfg.run_dir)
+    meta, sd = ckpt_io.load(first)
+    assert meta["spec"]["clusters"] == 10 and meta["spec"]["num_classes"] == 0
+    centres = sd["cluster_centres"]
+    assert centres.shape == (10, 28 * 28)
+    digits = load_dataset("digits", "train", image_size=28)
+    shares = clusters.shares_of(clusters.assign(digits.images, centres), 10)
+    for key in ("G", "G_ema"):  # every rank's shares (averaged across ranks each epoch) are the data's
+        assert torch.equal(sd[key]["shares"], shares), key
+    row = read_metrics(cfg.run_dir / "metrics.jsonl")[-1]
+    assert row["weights_digest"][0] == row["weights_digest"][1]
+    assert row["buffers_digest"][0] == row["buffers_digest"][1]
+
+    assert fit(cfg.replace(epochs=2), quality=False, progress=False).error is None
+    rows = read_metrics(cfg.run_dir / "metrics.jsonl")
+    assert rows[-1]["epoch"] == 2 and rows[-1]["restored_from"] == 1
+    _, sd2 = ckpt_io.load(latest_checkpoint(cfg.run_dir))
+    assert torch.equal(sd2["cluster_centres"], centres) and torch.equal(sd2["G_ema"]["shares"], shares)
+
+    with pytest.raises(UserError, match="was trained with clusters=10; cannot resume it with clusters=20"):
+        fit(cfg.replace(epochs=3, clusters=20), progress=False)
+
+    gen = load_generator(export(latest_checkpoint(cfg.run_dir), tmp_path / "model"))
+    assert gen.spec.clusters == 10 and not gen.spec.conditional
+    assert torch.equal(gen.net.shares, shares)
+    assert gen.generate(64, seed=0).shape == (64, 1, 28, 28)
+    assert torch.equal(gen.generate(8, seed=3), gen.generate(8, seed=3))
+    with pytest.raises(UserError, match="this model is unconditional: it takes no labels"):
+        gen.generate(4, labels=1)
 
 
 def _actors(class_name: str, alive_only: bool = True) -> list:

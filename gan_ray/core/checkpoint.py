@@ -35,6 +35,8 @@ def state_dict(state: GANState, *, epoch: int) -> dict[str, Any]:
         "opt_d": state.opt_d.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        # --clusters: the k-means centres the run's images were assigned with (a resume must not re-cluster)
+        "cluster_centres": state.extra.get("cluster_centres"),
     }
 
 
@@ -46,6 +48,8 @@ def load_state_dict(state: GANState, sd: dict[str, Any], *, restore_rng: bool = 
         state.G_ema.load_state_dict(sd["G_ema"] if sd["G_ema"] is not None else sd["G"])
     load_optimizer(state.opt_g, sd["opt_g"])
     load_optimizer(state.opt_d, sd["opt_d"])
+    if sd.get("cluster_centres") is not None:
+        state.extra["cluster_centres"] = sd["cluster_centres"].cpu()
     state.step = int(sd["step"])
     state.images_seen = int(sd["images_seen"])
     if restore_rng:  # RNG states are CPU byte tensors, wherever the checkpoint was mapped

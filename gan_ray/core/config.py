@@ -82,6 +82,9 @@ class TrainConfig(Settings):
                       "MLPs, exactly), dcgan or resnet (R3GAN's modern ResNet)")
     conditional: bool = _opt(False, "class-conditional G and D (labelled datasets only)")
     latent_dim: int = _opt(100, "size of the noise vector z", ge=1)
+    clusters: int = _opt(0, "unconditional models: train G and D conditioned on this many k-means clusters of the "
+                         "training images (no labels used; z's last coordinate picks the cluster when sampling): "
+                         "samples jump between modes instead of blending them (0 = off)", ge=0, le=1000)
     g_width: int = _opt(0, "dcgan, resnet: G's channels at full resolution, doubled per halving (0 = 64 for dcgan, "
                         "32 for resnet; resnet: a multiple of 8)", ge=0, le=1024)
     d_width: int = _opt(0, "dcgan, resnet: D's channels at full resolution, doubled per halving (0 = 64 for dcgan, "
@@ -159,6 +162,16 @@ class TrainConfig(Settings):
             raise ValueError(f"--cuda-graph on captures the plain step only; "
                              f"{', '.join(self.eager_only_settings())} run(s) eagerly (use --cuda-graph auto, or turn "
                              "them off: R1 is on by default, --r1-gamma 0)")
+        if self.clusters == 1:
+            raise ValueError("--clusters 1 is one cluster: plain unconditional training; use 0, or 2 and more")
+        if self.clusters and self.conditional:
+            raise ValueError("--clusters conditions an unconditional model on clusters of its images; with "
+                             "--conditional it has the dataset's labels already (drop one of them)")
+        if self.clusters and self.latent_dim < 2:
+            raise ValueError("--clusters uses z's last coordinate to pick the cluster: --latent-dim must be 2 or more")
+        if self.clusters and self.data_mode == "stream":
+            raise ValueError("--clusters clusters the training images in each worker's memory; --data-mode stream "
+                             "never holds them all (use --data-mode memory)")
         if self.aux_weight and not self.conditional:
             raise ValueError("--aux-weight trains a class head on D: it needs --conditional")
         if self.data_mode == "stream" and (self.dataset in BUILTIN_DATASETS or self.dataset.startswith("folder:")):

@@ -41,7 +41,7 @@ StepFn = Callable[..., dict]  # (state, real, labels) -> detached scalar tensors
 Progress = Callable[[int], None]  # called after every step with the steps done so far in the epoch
 
 
-def _stdout_line(line: str) -> None:
+def stdout_line(line: str) -> None:
     """One line on stdout, written to the stream rather than print()ed: Ray Train's workers patch print() to log
     through Train's logger as well as to the stream, and a printed line reached the console twice."""
     sys.stdout.write(line + "\n")
@@ -56,7 +56,7 @@ class ProgressLine:
     def __init__(self, epoch: int, epochs: int, steps: int | None, images_per_step: int, interval_s: float = 30.0,
                  write: Callable[[str], None] | None = None):
         self.epoch, self.epochs, self.steps, self.images_per_step = epoch, epochs, steps, images_per_step
-        self.interval_s, self.write = interval_s, write or _stdout_line
+        self.interval_s, self.write = interval_s, write or stdout_line
         self.t0 = self.last = time.perf_counter()
 
     def __call__(self, done: int) -> None:
@@ -95,7 +95,7 @@ def run_batches(state: GANState, batches: Iterable[tuple[torch.Tensor, torch.Ten
     t0 = time.perf_counter()
     for real, labels in batches:
         real = real.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if state.spec.conditional else None
+        labels = labels.to(device, non_blocking=True) if state.spec.condition_count else None
         out = step_fn(state, real, labels)
         n_steps += 1
         sums[0] += out["loss_d"]

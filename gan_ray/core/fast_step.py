@@ -204,7 +204,7 @@ class FastStep:
     # ------------------------------------------------------------------------------------------ CUDA graph
     def _body(self, state: GANState, do_g: bool) -> dict[str, torch.Tensor]:
         """What a graph captures: `train_step`'s math on the static buffers (the host does the counters)."""
-        conditional = state.spec.conditional
+        conditional = state.spec.condition_count > 0
         real = self.static_real
         out = d_update(state, real, self.static_labels if conditional else None, self.nets)
         if do_g:
@@ -214,7 +214,7 @@ class FastStep:
         return out
 
     def _graphed(self, state: GANState, real: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        conditional = state.spec.conditional
+        conditional = state.spec.condition_count > 0
         if conditional and labels is None:
             raise ValueError("conditional model needs labels")
         if self.static_real is None:

@@ -24,7 +24,7 @@ the class they were asked for.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -46,15 +46,23 @@ class ModelSpec:
     g_width: int = 0  # dcgan/resnet: G's channels at full resolution (0 = the architecture's default)
     d_width: int = 0  # dcgan/resnet: D's channels at full resolution
     aux_classifier: bool = False  # D has an auxiliary class head (AC-GAN; conditional only)
+    clusters: int = 0  # self-conditioned on this many k-means clusters (gan_ray.core.clusters); unconditional to users
 
     @property
     def conditional(self) -> bool:
+        """Takes class labels from its users (sampling, serving, written text)."""
         return self.num_classes > 0
+
+    @property
+    def condition_count(self) -> int:
+        """How many values the networks' class input takes: the classes, or the clusters of a self-conditioned
+        model (whose training step feeds cluster indices exactly where a conditional one feeds labels)."""
+        return self.num_classes or self.clusters
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "latent_dim": self.latent_dim, "image_shape": list(self.image_shape),
                 "num_classes": self.num_classes, "spectral_norm": self.spectral_norm, "g_width": self.g_width,
-                "d_width": self.d_width, "aux_classifier": self.aux_classifier}
+                "d_width": self.d_width, "aux_classifier": self.aux_classifier, "clusters": self.clusters}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
@@ -86,7 +94,11 @@ class ModelSpec:
         aux = d.get("aux_classifier", False)
         if not isinstance(aux, bool):
             raise UserError(f"aux_classifier must be true or false, got {aux!r}")
-        return cls(arch, latent_dim, (c, h, w), num_classes, spectral, *widths, aux)
+        clusters = d.get("clusters", 0)
+        if not _is_int(clusters) or clusters < 0 or clusters == 1 or (clusters and (num_classes or latent_dim < 2)):
+            raise UserError(f"clusters must be 0 or an integer >= 2 (of an unconditional model whose z has at least "
+                            f"2 coordinates), got {clusters!r}")
+        return cls(arch, latent_dim, (c, h, w), num_classes, spectral, *widths, aux, clusters)
 
 
 def _is_int(x: object) -> bool:
@@ -125,7 +137,14 @@ def build(spec: ModelSpec) -> tuple[nn.Module, nn.Module]:
     """Fresh (generator, discriminator) for a spec."""
     if spec.arch not in ARCHITECTURES:
         raise UserError(f"unknown --arch {spec.arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
-    G, D = ARCHITECTURES[spec.arch](spec)
+    if spec.clusters:  # conditional networks on the clusters; G's noise is z less the coordinate that picks one
+        from gan_ray.core.clusters import ClusterConditioned
+
+        inner = replace(spec, num_classes=spec.clusters, clusters=0, latent_dim=spec.latent_dim - 1)
+        G, D = ARCHITECTURES[spec.arch](inner)
+        G = ClusterConditioned(G, spec.clusters)
+    else:
+        G, D = ARCHITECTURES[spec.arch](spec)
     if spec.spectral_norm:
         apply_spectral_norm(D)
     return G, D

@@ -21,7 +21,8 @@ from gan_ray.core.locations import join
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG = "config.json"  # the resolved TrainConfig of the run (each checkpoint holds its own copy too)
 # What must match for a re-used run directory to resume: its checkpoints could not be loaded otherwise.
-IDENTITY_KEYS = ("dataset", "arch", "conditional", "latent_dim", "image_size")
+IDENTITY_KEYS = ("dataset", "arch", "conditional", "latent_dim", "image_size", "clusters")
+IDENTITY_DEFAULTS = {"clusters": 0}  # what a run saved before the key existed trained with
 
 
 # ---------------------------------------------------------------------------------------------- config.json
@@ -35,8 +36,9 @@ def check_compatible(cfg: TrainConfig) -> None:
     if saved is not None:
         old = json.loads(saved)
         for key in IDENTITY_KEYS:
-            if old.get(key) != getattr(cfg, key):
-                raise UserError(f"run {cfg.run_dir} was trained with {key}={old.get(key)!r}; cannot resume it with "
+            was = old.get(key, IDENTITY_DEFAULTS.get(key))
+            if was != getattr(cfg, key):
+                raise UserError(f"run {cfg.run_dir} was trained with {key}={was!r}; cannot resume it with "
                                 f"{key}={getattr(cfg, key)!r} (use another --name)")
 
 

@@ -100,7 +100,8 @@ def make_state(spec: ModelSpec, G: nn.Module, D: nn.Module, *, lr_g: float, lr_d
 def spec_for(cfg: TrainConfig, image_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
     """The networks a config trains on data of this shape and class count."""
     return ModelSpec(cfg.arch, cfg.latent_dim, tuple(image_shape), num_classes if cfg.conditional else 0,
-                     cfg.spectral_norm, cfg.g_width, cfg.d_width, aux_classifier=cfg.aux_weight > 0)
+                     cfg.spectral_norm, cfg.g_width, cfg.d_width, aux_classifier=cfg.aux_weight > 0,
+                     clusters=cfg.clusters)
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
@@ -241,7 +242,7 @@ def d_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
     loss = losses.get(state.loss)
     n = real.shape[0]
     z = sample_latent(n, state.spec.latent_dim, device=real.device)
-    fake_labels = sample_labels(n, state.spec.num_classes, device=real.device) if labels is not None else None
+    fake_labels = sample_labels(n, state.spec.condition_count, device=real.device) if labels is not None else None
     with nets.autocast():
         with torch.no_grad():
             fake = nets.G_plain(z, fake_labels).to(real.dtype)
@@ -283,7 +284,7 @@ def g_update(state: GANState, real: torch.Tensor, labels: torch.Tensor | None,
     loss = losses.get(state.loss)
     n, device = real.shape[0], real.device
     z = sample_latent(n, state.spec.latent_dim, device=device)
-    fake_labels = sample_labels(n, state.spec.num_classes, device=device) if labels is not None else None
+    fake_labels = sample_labels(n, state.spec.condition_count, device=device) if labels is not None else None
     with frozen(unwrap(state.D)):
         with nets.autocast():
             fake = nets.G_train(z, fake_labels)
@@ -334,9 +335,9 @@ def train_step(state: GANState, real: torch.Tensor, labels: torch.Tensor | None 
     `labels` must be given for a conditional model and None otherwise. Metrics stay on the device: callers
     decide when to synchronise (`.item()` every step would stall a GPU).
     """
-    conditional = state.spec.conditional
+    conditional = state.spec.condition_count > 0
     if conditional and labels is None:
-        raise ValueError("conditional model needs labels")
+        raise ValueError("conditional model needs labels (a self-conditioned one: cluster indices)")
     labels = labels if conditional else None
     out = d_update(state, real, labels, nets)
     state.step += 1

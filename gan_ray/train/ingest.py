@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gan_ray.core.config import TrainConfig
+from gan_ray.core.errors import UserError
 from gan_ray.core.prepared import Manifest, choose_mode, decode, human_bytes, is_prepared, read_manifest
 
 DATA_CPUS = 1.0  # logical CPUs a streaming run keeps free beyond its workers' for Ray Data's read tasks
@@ -175,4 +176,7 @@ def resolve_data_mode(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     if cfg.data_mode != "auto":
         return cfg, f"data: {cfg.data_mode} (--data-mode {cfg.data_mode}; {what})"
     mode, why = choose_mode(manifest.decoded_bytes(), worker_memory(cfg))
+    if mode == "stream" and cfg.clusters:
+        raise UserError(f"--clusters clusters the training images in each worker's memory, and {what} would be "
+                        f"streamed ({why}); give the workers more memory, or drop --clusters")
     return cfg.replace(data_mode=mode), f"data: {mode}, picked by --data-mode auto: {why} ({what})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,8 +18,8 @@ import torch
 
 from gan_ray.core import checkpoint as ckpt_io
 from gan_ray.core.config import TrainConfig
-from gan_ray.core.data import check_batch_fits, load_dataset
-from gan_ray.core.epoch import ProgressLine, run_batches, run_epoch, steps_per_epoch
+from gan_ray.core.data import ImageDataset, check_batch_fits, load_dataset
+from gan_ray.core.epoch import ProgressLine, run_batches, run_epoch, stdout_line, steps_per_epoch
 from gan_ray.core.fast_step import make_step_fn
 from gan_ray.core.health import CollapseWatch
 from gan_ray.core.fast_step import resolve_for as resolve_fast_path
@@ -26,7 +27,8 @@ from gan_ray.core.images import grid_png
 from gan_ray.core.locations import is_remote, join, upload_dir, write_bytes
 from gan_ray.core.models import ModelSpec
 from gan_ray.core.run_dir import METRICS_FILE, append_metrics, truncate_metrics
-from gan_ray.core.step import GANState, build_state, eval_mode, latent_for_seed, set_learning_rates, spec_for
+from gan_ray.core.step import (GANState, build_state, eval_mode, latent_for_seed, set_learning_rates, spec_for,
+                               unwrap)
 from gan_ray.train.gpu_check import check_gpu_worker
 
 # Hooks run on rank 0 at checkpoint (and --eval-every) epochs: (cfg, state, epoch, device) -> extra metrics, merged
@@ -72,8 +74,6 @@ def _all_reduce_epoch(res, world_size: int, device: torch.device) -> dict[str, f
 
 def _networks(state: GANState) -> list[torch.nn.Module]:
     """G, D and the EMA generator as plain modules: everything a checkpoint, an evaluation or an export reads."""
-    from gan_ray.core.step import unwrap
-
     return [unwrap(state.G), unwrap(state.D)] + ([state.G_ema] if state.G_ema is not None else [])
 
 
@@ -151,6 +151,37 @@ def _agree(stop: bool, world_size: int, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def self_condition(state: GANState, data: ImageDataset, cfg: TrainConfig, rank: int, world: int) -> ImageDataset:
+    """--clusters (gan_ray.core.clusters): the dataset with each image's k-means cluster as its label, and G's
+    sampling shares set. Rank 0 fits the centres and broadcasts them, so every rank assigns with the same ones
+    whatever scikit-learn's threads do; a restored run reuses its checkpoint's and never re-clusters."""
+    import torch.distributed as dist
+
+    from gan_ray.core import clusters
+
+    centres = state.extra.get("cluster_centres")
+    if centres is None:
+        t0 = time.time()
+        centres = clusters.fit_centres(data.images.cpu(), cfg.clusters, cfg.seed) if rank == 0 else None
+        if world > 1 and dist.is_initialized():
+            box = [centres]
+            dist.broadcast_object_list(box, src=0)
+            centres = box[0]
+        state.extra["cluster_centres"] = centres
+        fitted = f" fitted in {time.time() - t0:.1f} s"
+    else:
+        fitted = " from the checkpoint"
+    assignments = clusters.assign(data.images, centres.to(data.images.device))
+    shares = clusters.shares_of(assignments.cpu(), cfg.clusters)
+    for net in (unwrap(state.G), state.G_ema):
+        if net is not None:
+            net.shares.copy_(shares)
+    if rank == 0:
+        stdout_line(f"clusters: {cfg.clusters} k-means clusters of {len(data):,} images{fitted}; shares "
+                    f"{shares.min().item():.1%} to {shares.max().item():.1%}")
+    return replace(data, labels=assignments.to(data.labels.device))
+
+
 def ddp_buffer_kwargs() -> dict[str, bool]:
     """Don't re-broadcast buffers (BatchNorm statistics) on every forward: G runs twice per step and the in-place
     broadcast breaks autograd. Newer PyTorch spells it `forward_sync_buffers`."""
@@ -219,6 +250,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with restored.as_directory() as d:
             _, sd = ckpt_io.load(d)  # on the CPU: load_state_dict copies to the device (RNG states must stay)
             start_epoch = ckpt_io.load_state_dict(state, sd) + 1
+    if cfg.clusters:  # every image's cluster becomes its label, before anything reads one
+        data = self_condition(state, data, cfg, rank, world)
     if rank == 0:
         truncate_metrics(join(run_dir, METRICS_FILE), start_epoch - 1)  # rows after the checkpoint are replayed
     z_fixed, labels_fixed = fixed_noise(spec, cfg.seed)
