@@ -91,3 +91,26 @@ def test_the_step_trains_on_cluster_indices_and_the_checkpoint_keeps_the_centres
     ckpt_io.load_state_dict(fresh, sd)
     assert torch.equal(fresh.extra["cluster_centres"], centres)
     assert torch.equal(fresh.G.shares, state.G.shares)  # saved with G's weights: what export writes
+
+
+def test_the_service_renders_a_self_conditioned_model_as_an_unconditional_one():
+    """The serving path (gan_ray.serve.render, free of Ray) on a self-conditioned generator: no labels asked,
+    labels refused, and a packed forward of several requests gives each the bytes it gets alone."""
+    from gan_ray.core.generator import Generator
+    from gan_ray.serve.render import Renderer
+    from gan_ray.serve.schema import GenerateRequest
+
+    spec = ModelSpec("dcgan", 8, (1, 28, 28), clusters=5, g_width=8, d_width=8)
+    torch.manual_seed(0)
+    net = build_generator(spec)
+    net.shares.copy_(torch.tensor([0.4, 0.1, 0.2, 0.2, 0.1]))
+    renderer = Renderer(Generator(net, spec, {}), merge_forwards=True)
+    jobs = [renderer.job(GenerateRequest(n=n, seed=s, format="npz")) for n, s in ((3, 1), (5, 2))]
+    assert all(bool((j.labels == -1).all()) for j in jobs)  # unconditional to the service
+    packed = renderer.forward(jobs)
+    alone = [renderer.forward([j])[0] for j in jobs]
+    assert all(torch.equal(a, b) for a, b in zip(packed, alone)) and packed[1].shape == (5, 1, 28, 28)
+    with pytest.raises(UserError, match="this model is unconditional"):
+        renderer.job(GenerateRequest(n=2, labels=1))
+    with pytest.raises(UserError):
+        renderer.job(GenerateRequest(n=1, text="7"))
