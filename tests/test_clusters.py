@@ -114,3 +114,13 @@ def test_the_service_renders_a_self_conditioned_model_as_an_unconditional_one():
         renderer.job(GenerateRequest(n=2, labels=1))
     with pytest.raises(UserError):
         renderer.job(GenerateRequest(n=1, text="7"))
+
+
+@pytest.mark.parametrize("arch, side", [("mlp", 28), ("seed", 28), ("dcgan", 32), ("resnet", 32)])
+def test_every_architecture_builds_self_conditioned(arch, side):
+    spec = ModelSpec(arch, 8, (1, side, side), clusters=7)
+    G, D = build(spec)
+    with torch.no_grad():
+        images = G(torch.randn(3, 8))
+        logits = D(images, G.pick(torch.randn(3)))
+    assert images.shape == (3, 1, side, side) and logits.shape == (3,)
