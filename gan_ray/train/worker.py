@@ -153,20 +153,15 @@ def _agree(stop: bool, world_size: int, device: torch.device) -> bool:
 
 def self_condition(state: GANState, data: ImageDataset, cfg: TrainConfig, rank: int, world: int) -> ImageDataset:
     """--clusters (gan_ray.core.clusters): the dataset with each image's k-means cluster as its label, and G's
-    sampling shares set. Rank 0 fits the centres and broadcasts them, so every rank assigns with the same ones
+    sampling shares set. Rank 0 fits the centres and every rank takes rank 0's, so all assign with the same ones
     whatever scikit-learn's threads do; a restored run reuses its checkpoint's and never re-clusters."""
-    import torch.distributed as dist
-
     from gan_ray.core import clusters
 
     centres = state.extra.get("cluster_centres")
     if centres is None:
         t0 = time.time()
         centres = clusters.fit_centres(data.images.cpu(), cfg.clusters, cfg.seed) if rank == 0 else None
-        if world > 1 and dist.is_initialized():
-            box = [centres]
-            dist.broadcast_object_list(box, src=0)
-            centres = box[0]
+        centres = _gather(centres, world)[0]  # rank 0's, on every rank
         state.extra["cluster_centres"] = centres
         fitted = f" fitted in {time.time() - t0:.1f} s"
     else:
